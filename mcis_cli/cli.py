@@ -1,0 +1,266 @@
+"""The `mcis` command line: parses options, loads the config, calls a stage, prints a summary."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mcis_cli import __version__
+from mcis_cli.config import DEFAULT_CONFIG, Config, load_config
+from mcis_cli.errors import McisError
+
+app = typer.Typer(
+    help="MCIS weakly supervised semantic segmentation, tracked in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Build or validate a dataset in the VOC2012 layout.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="Override a key: --set classify.lr=0.01")]
+FromRunOpt = Annotated[
+    str | None, typer.Option("--from-run", help="Input run id (default: latest finished one).")
+]
+ResumeOpt = Annotated[str | None, typer.Option("--resume", help="Continue this interrupted run.")]
+
+
+def friendly(command):
+    """Bad input becomes one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except McisError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _load(config: Path, sets: list[str]) -> Config:
+    return load_config(config, sets)
+
+
+def _summary(title: str, result) -> None:
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("run id", result.run_id)
+    for key, value in result.metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for key, value in result.outputs.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"mcis {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """MCIS: classify -> localize -> pseudolabel -> segment -> evaluate -> export."""
+
+
+# ---- data ---------------------------------------------------------------------------------
+@data_app.command("synth")
+@friendly
+def data_synth(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write (VOC2012 layout).")] = Path(
+        "data/toy"
+    ),
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    n_train: Annotated[int, typer.Option("--n-train", help="Training images.")] = 320,
+    n_val: Annotated[int, typer.Option("--n-val", help="Validation images.")] = 80,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+    n_extra: Annotated[int, typer.Option("--n-extra", help="Extra single-label images (setting 2).")] = 0,
+    n_web: Annotated[int, typer.Option("--n-web", help="Noisy web images (setting 3).")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+) -> None:
+    """Write the embedded dataset: deterministic for a seed."""
+    from mcis_cli.data import synth
+
+    report = synth.write(
+        out_dir, seed=seed, n_train=n_train, n_val=n_val, size=size, n_extra=n_extra,
+        n_web=n_web, force=force,
+    )
+    out.print(f"wrote {report['images']} images to {out_dir}")
+
+
+@data_app.command("check")
+@friendly
+def data_check(
+    root: Annotated[Path, typer.Option("--root", help="The VOC2012 folder to validate.")],
+) -> None:
+    """Validate a VOC-layout tree and print counts and every problem found."""
+    from mcis_cli.data import voc
+
+    report = voc.check(root)
+    voc.print_report(report, out)
+    if report.problems:
+        raise typer.Exit(1)
+
+
+# ---- config -------------------------------------------------------------------------------
+@config_app.command("show")
+@friendly
+def config_show(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = []) -> None:  # noqa: B006
+    """Print the resolved config as YAML."""
+    out.print(_load(config, sets).to_yaml(), highlight=False, markup=False)
+
+
+# ---- stages -------------------------------------------------------------------------------
+@app.command()
+@friendly
+def classify(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = [], resume: ResumeOpt = None) -> None:  # noqa: B006
+    """Train the co-attention classifier on same-class image pairs."""
+    from mcis_cli.stages import classify as stage
+
+    _summary("classify", stage.run(_load(config, sets), resume=resume))
+
+
+@app.command()
+@friendly
+def localize(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = [], from_run: FromRunOpt = None) -> None:  # noqa: B006
+    """Cross-image localization maps for every training image."""
+    from mcis_cli.stages import localize as stage
+
+    _summary("localize", stage.run(_load(config, sets), from_run=from_run))
+
+
+@app.command()
+@friendly
+def pseudolabel(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = [], from_run: FromRunOpt = None) -> None:  # noqa: B006
+    """Pseudo masks from localization maps and a background cue."""
+    from mcis_cli.stages import pseudolabel as stage
+
+    _summary("pseudolabel", stage.run(_load(config, sets), from_run=from_run))
+
+
+@app.command()
+@friendly
+def segment(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    sets: SetOpt = [],  # noqa: B006
+    from_run: FromRunOpt = None,
+    labels: Annotated[str, typer.Option(help="pseudo (the method) or gt (the ceiling).")] = "pseudo",
+    resume: ResumeOpt = None,
+) -> None:
+    """Train DeepLab-LargeFOV on the pseudo masks (poly schedule)."""
+    from mcis_cli.stages import segment as stage
+
+    if labels not in ("pseudo", "gt"):
+        raise McisError(f"--labels must be 'pseudo' or 'gt', got {labels!r}")
+    _summary("segment", stage.run(_load(config, sets), from_run=from_run, labels=labels, resume=resume))
+
+
+@app.command()
+@friendly
+def evaluate(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    sets: SetOpt = [],  # noqa: B006
+    from_run: FromRunOpt = None,
+    split: Annotated[str | None, typer.Option(help="Split to score (default: by stage).")] = None,
+    crf: Annotated[bool | None, typer.Option("--crf/--no-crf", help="Dense CRF on top.")] = None,
+    save: Annotated[bool, typer.Option("--save", help="Write predicted masks as PNGs.")] = False,
+) -> None:
+    """Score any stage's output: maps, pseudo masks or the segmentation model."""
+    from mcis_cli.stages import evaluate as stage
+
+    cfg = _load(config, sets)
+    if crf is not None:
+        cfg.evaluate.crf = crf
+    if save:
+        cfg.evaluate.save_masks = True
+    _summary("evaluate", stage.run(cfg, from_run=from_run, split=split))
+
+
+@app.command()
+@friendly
+def export(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    sets: SetOpt = [],  # noqa: B006
+    from_run: FromRunOpt = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="Where to write the .onnx file.")] = None,
+) -> None:
+    """Export the segmentation model to ONNX, check parity, register it."""
+    from mcis_cli.stages import export as stage
+
+    _summary("export", stage.run(_load(config, sets), from_run=from_run, out=out_path))
+
+
+@app.command()
+@friendly
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    model: Annotated[str, typer.Option("--model", help="model.onnx or models:/mcis-deeplab/<v>.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("predictions"),
+    provider: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Segment new images with ONNX Runtime (no PyTorch needed at serving time)."""
+    from mcis_cli.stages import predict as stage
+
+    if provider not in ("auto", "cpu", "cuda"):
+        raise McisError(f"--provider must be auto, cpu or cuda, got {provider!r}")
+    summary = stage.run(model, images, out_dir, provider=provider)
+    out.print(summary)
+
+
+@app.command()
+@friendly
+def pipeline(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    sets: SetOpt = [],  # noqa: B006
+    ablation: Annotated[bool, typer.Option(help="Also run the component ablation.")] = False,
+) -> None:
+    """Every stage in order under one parent MLflow run, then the results table."""
+    from mcis_cli import pipeline as stage
+
+    stage.run(_load(config, sets), ablation=ablation, console=out)
+
+
+@app.command()
+@friendly
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    host: Annotated[str, typer.Option(help="Bind address; anything but loopback needs --expose.")] = "127.0.0.1",
+    expose: Annotated[bool, typer.Option(help="Allow binding a non-loopback address.")] = False,
+    workers: Annotated[int, typer.Option(help="Server worker processes.")] = 1,
+) -> None:
+    """Serve the MLflow UI over the same store the commands use."""
+    from mcis_cli import ui as server
+
+    server.serve(host=host, port=port, expose=expose, workers=workers, console=out)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    app(prog_name="mcis")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

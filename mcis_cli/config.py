@@ -1,0 +1,239 @@
+"""One typed config for every stage: YAML file + dotted `--set key=value` overrides.
+
+Defaults are the official MCIS values (see configs/voc12_vgg16.yaml for their sources);
+configs/toy.yaml shrinks them for the embedded dataset on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mcis_cli.errors import McisError
+
+DEFAULT_CONFIG = Path("configs/toy.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataCfg(Section):
+    root: str = "data/toy"  # the VOC2012 folder: JPEGImages/, SegmentationClassAug/, ImageSets/
+    train_list: str = "train_aug"  # ImageSets/Segmentation/<name>.txt
+    val_list: str = "val"
+    saliency_dir: str | None = None  # folder under root with <id>.png saliency maps
+    extra_lists: list[str] = Field(default_factory=list)  # `<file> <class>` lists, settings 2/3
+    workers: int = Field(2, ge=0)
+
+
+class LossWeights(Section):
+    cls: float = 1.0  # plain classifier on both images
+    coatt: float = 1.0  # co-attention classifier, common labels
+    contrast: float = 1.0  # contrastive co-attention, unique labels
+    self: float = 1.0  # the flip / 0.75x / 2x self-pairs
+
+
+class ClassifyCfg(Section):
+    method: Literal["mcis", "cam"] = "mcis"
+    width: float = Field(1.0, gt=0, le=1)  # channel multiplier of the VGG16 backbone
+    pretrained: bool = True  # torchvision ImageNet weights (width 1 only)
+    input_size: int = Field(256, ge=32)
+    batch_size: int = Field(5, ge=1)  # pairs per step (global, across processes)
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_mult: list[float] = Field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    decay_epochs: list[int] = Field(default_factory=lambda: [5, 10])
+    decay_factor: float = 0.1
+    checkpoint_epoch: int = Field(10, ge=0)  # 0-based epoch whose weights localize uses
+    contrastive_from_epoch: int = Field(2, ge=0)
+    self_pairs: bool = True
+    coattention: bool = True
+    contrastive: bool = True
+    loss_weights: LossWeights = Field(default_factory=lambda: LossWeights())
+    color_jitter: list[float] = Field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
+    amp: bool = False
+    log_every: int = Field(1, ge=1)
+
+
+class LocalizeCfg(Section):
+    method: Literal["mcis", "cam"] = "mcis"
+    partners: int = Field(3, ge=0)  # related images per class, drawn with replacement
+    self_pairs: bool = True
+    gate: float = 0.1  # a map joins the fusion only if sigmoid(its mean score) > gate
+    batch_size: int = Field(8, ge=1)
+    cache_mb: int = Field(512, ge=0)  # feature cache budget
+    previews: bool = False  # also write PNG heat maps
+
+
+class PseudolabelCfg(Section):
+    background: Literal["saliency", "cam"] = "saliency"
+    saliency: Literal["folder", "spectral"] = "folder"  # folder = data.saliency_dir
+    att_thr: float = 0.95
+    fg_thr: float = 0.3
+    conflict: float = 0.99
+    bg_thr: int = 32  # on the 0..255 saliency scale
+    min_fg: float = 0.01
+    cam_bg_power: float = 1.0  # cam background: (1 - max map) ** power
+    cam_threshold: float = 0.3  # cam: foreground needs a map value above this
+    sweep: list[float] = Field(default_factory=list)  # background thresholds to evaluate
+
+
+class SegmentCfg(Section):
+    arch: Literal["vgg16", "resnet101"] = "vgg16"
+    width: float = Field(1.0, gt=0, le=1)
+    pretrained: bool = True
+    batch_size: int = Field(10, ge=1)
+    crop: int = Field(321, ge=16)
+    scale_range: list[float] = Field(default_factory=lambda: [0.7, 1.3])
+    mirror: bool = True
+    iters: int = Field(15000, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_mult_classifier: float = 10.0
+    lr_mult_bias: float = 2.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    dropout: float = Field(0.5, ge=0, lt=1)
+    amp: bool = False
+    log_every: int = Field(1, ge=1)
+    val_every: int = Field(1000, ge=0)  # 0 = no periodic validation
+    checkpoint_every: int = Field(1000, ge=1)
+
+
+class CrfCfg(Section):
+    pos_sxy: float = 3.0
+    pos_compat: float = 1.0
+    bi_sxy: float = 80.0
+    bi_srgb: float = 4.0
+    bi_compat: float = 3.0
+    iters: int = Field(1, ge=1)
+
+
+class EvaluateCfg(Section):
+    scales: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
+    flip: bool = True
+    crf: bool = True
+    crf_params: CrfCfg = Field(default_factory=CrfCfg)
+    jobs: int = Field(2, ge=1)  # CRF worker processes
+    window: int = Field(401, ge=0)  # sliding-window size; 0 = whole image
+    save_masks: bool = False
+    overlays: int = Field(8, ge=0)
+
+
+class ExportCfg(Section):
+    opset: int = Field(18, ge=11)
+    tolerance: float = 1e-3  # max abs logit difference ORT vs PyTorch
+    parity_sizes: list[list[int]] = Field(
+        default_factory=lambda: [[1, 321, 321], [2, 257, 385], [1, 97, 130]]
+    )
+    quantize: Literal["none", "dynamic", "static"] = "none"
+    register_model: bool = True
+    model_name: str = "mcis-deeplab"
+
+
+class TrackingCfg(Section):
+    uri: str | None = None  # MLFLOW_TRACKING_URI wins; else sqlite:///mlflow.db
+    experiment: str | None = None  # default: the config name
+    flush_every: int = Field(50, ge=1)  # metric buffer size before a log_batch
+
+
+class Config(Section):
+    name: str = "voc12_vgg16"
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs"
+    data: DataCfg = Field(default_factory=DataCfg)
+    classify: ClassifyCfg = Field(default_factory=ClassifyCfg)
+    localize: LocalizeCfg = Field(default_factory=LocalizeCfg)
+    pseudolabel: PseudolabelCfg = Field(default_factory=PseudolabelCfg)
+    segment: SegmentCfg = Field(default_factory=SegmentCfg)
+    evaluate: EvaluateCfg = Field(default_factory=EvaluateCfg)
+    export: ExportCfg = Field(default_factory=ExportCfg)
+    tracking: TrackingCfg = Field(default_factory=TrackingCfg)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, the form MLflow params take."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise McisError(f"config file not found: {path} (pass --config with an existing YAML file)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise McisError(f"YAML syntax error in {path}{where}: {problem}") from None
+    if not isinstance(tree, dict):
+        raise McisError(f"config {path} must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def _set_dotted(tree: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep:
+        raise McisError(f"--set expects key=value, got {assignment!r}")
+    parts = key.strip().split(".")
+    model: type[BaseModel] = Config
+    node = tree
+    for part in parts[:-1]:
+        field = model.model_fields.get(part)
+        if field is None:
+            raise McisError(f"unknown config key in --set: {key!r}")
+        node = node.setdefault(part, {})
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            raise McisError(f"unknown config key in --set: {key!r}")
+    if parts[-1] not in model.model_fields:
+        raise McisError(f"unknown config key in --set: {key!r}")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key {key!r} in {source}"
+    return f"invalid value for {key!r} in {source}: {first['msg']} (got {first.get('input')!r})"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `key=value` overrides and validate every type."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    tree = _read_yaml(path)
+    try:
+        Config.model_validate(tree)
+    except ValidationError as exc:
+        raise McisError(_describe(exc, str(path))) from None
+    for assignment in overrides or []:
+        _set_dotted(tree, assignment)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise McisError(_describe(exc, "--set")) from None

@@ -1,0 +1,388 @@
+"""The only module that talks to MLflow.
+
+A stage opens a run with `stage_run(...)`, logs through the `Tracker` it yields, and a later
+stage finds its input with `resolve_run(...)` and reads files with `SourceRun.fetch(...)`.
+Step-wise metrics are buffered and sent with `log_batch`, so a remote server is not hit per
+step; if the server is unreachable the buffer is kept and sent on the next flush.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from mcis_cli.config import Config, load_config
+from mcis_cli.errors import McisError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+STAGE_TAG = "mcis.stage"
+SOURCE_TAG = "mcis.source_run"
+MAX_BUFFER = 100_000  # metrics kept while a server is away
+
+
+def tracking_uri(cfg: Config | None = None) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg is not None and cfg.tracking.uri:
+        return cfg.tracking.uri
+    return DEFAULT_URI
+
+
+def _check_reachable(uri: str) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as reply:
+            if reply.status == 200:
+                return
+    except (urllib.error.URLError, OSError):
+        pass
+    raise McisError(
+        f"tracking server unreachable at {uri} (start it, e.g. `mcis ui`, or unset MLFLOW_TRACKING_URI)"
+    )
+
+
+def client(cfg: Config | None = None):
+    """An MlflowClient on the configured store, after checking a remote server answers."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    _check_reachable(uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(mlc, cfg: Config) -> str:
+    name = cfg.tracking.experiment or cfg.name
+    found = mlc.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return mlc.create_experiment(name)
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def dataset_fingerprint(root: str | Path) -> str:
+    """Hash of the split and label lists: cheap, and changes whenever the dataset does."""
+    lists = Path(root) / "ImageSets" / "Segmentation"
+    digest = hashlib.sha256()
+    for path in sorted(lists.glob("*.txt")) if lists.is_dir() else []:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class Tracker:
+    """Logging handle for one MLflow run."""
+
+    def __init__(self, mlc, run_id: str, flush_every: int = 50):
+        self.client = mlc
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self._buffer: list[Any] = []
+        self._warned = False
+
+    # metrics -------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            self._buffer.append(Metric(key, float(value), now, int(step or 0)))
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send buffered metrics; on failure keep them for the next try and say so once."""
+        while self._buffer:
+            chunk = self._buffer[:1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as exc:  # noqa: BLE001 - any transport error keeps the buffer
+                if not self._warned:
+                    print(f"warning: tracking server not answering ({type(exc).__name__}); "
+                          "metrics are buffered and sent when it is back", file=sys.stderr)
+                    self._warned = True
+                del self._buffer[: max(0, len(self._buffer) - MAX_BUFFER)]
+                return False
+            del self._buffer[: len(chunk)]
+        if self._warned:
+            print("tracking server is back: buffered metrics sent", file=sys.stderr)
+            self._warned = False
+        return True
+
+    # params, tags, artifacts ---------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
+        existing = self.client.get_run(self.run_id).data.params
+        items = [p for p in items if p.key not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def log_figure(self, figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_image(self, image, name: str) -> None:
+        """`image`: an HxW(x3) uint8 array or a PIL image, saved as `name`.png."""
+        from PIL import Image
+
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / (Path(name).name + ".png")
+            pil.save(path)
+            folder = str(Path(name).parent)
+            self.client.log_artifact(self.run_id, str(path), None if folder == "." else folder)
+
+    def log_onnx_model(self, model_proto, name: str, input_example, registered_name: str | None):
+        """Log an ONNX model with a signature whose batch, height and width stay dynamic."""
+        import mlflow
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "input")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1), "logits")]),
+        )
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.onnx.log_model(
+                model_proto,
+                name=name,
+                signature=signature,
+                input_example={"input": input_example},
+                registered_model_name=registered_name,
+                onnx_execution_providers=["CPUExecutionProvider"],
+                pip_requirements=["onnxruntime", "numpy"],
+            )
+        return info
+
+    def set_model_version_tag(self, name: str, version: str, key: str, value: Any) -> None:
+        self.client.set_model_version_tag(name, version, key, str(value))
+
+    def latest_model_version(self, name: str) -> str:
+        versions = self.client.search_model_versions(f"name='{name}' and run_id='{self.run_id}'")
+        return max((v.version for v in versions), key=int)
+
+
+class NullTracker(Tracker):
+    """Stands in on ranks other than 0: every call is accepted and nothing is sent."""
+
+    def __init__(self, run_id: str = ""):
+        self.run_id = run_id
+
+    def __getattribute__(self, name: str):
+        if name == "run_id":
+            return object.__getattribute__(self, name)
+        return lambda *args, **kwargs: None
+
+
+def workdir(cfg: Config, run_id: str) -> Path:
+    """Local folder of a run: stages write here, then log it as artifacts."""
+    path = Path(cfg.output_dir) / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def stage_run(
+    cfg: Config,
+    stage: str,
+    *,
+    source_run: str | None = None,
+    resume: str | None = None,
+    parent: str | None = None,
+    run_name: str | None = None,
+    enabled: bool = True,
+) -> Iterator[Tracker]:
+    """Open (or with `resume`, reopen) a run of `stage`; mark it FAILED/KILLED on error."""
+    if not enabled:
+        yield NullTracker(resume or "")
+        return
+    mlc = client(cfg)
+    if resume:
+        existing = _get_run(mlc, resume, cfg)
+        if existing.data.tags.get(STAGE_TAG) != stage:
+            raise McisError(
+                f"--resume {resume} is a {existing.data.tags.get(STAGE_TAG)!r} run, not a {stage!r} run"
+            )
+        run_id = resume
+        mlc.update_run(run_id, status="RUNNING")
+    else:
+        tags = {
+            STAGE_TAG: stage,
+            SOURCE_TAG: source_run or "",
+            "mcis.dataset": cfg.data.root,
+            "mcis.dataset_fingerprint": dataset_fingerprint(cfg.data.root),
+            "mlflow.source.git.commit": git_commit(),
+            "mlflow.source.name": "mcis " + stage,
+        }
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = mlc.create_run(experiment_id(mlc, cfg), tags=tags, run_name=run_name or stage)
+        run_id = run.info.run_id
+    tracker = Tracker(mlc, run_id, cfg.tracking.flush_every)
+    try:
+        if not resume:
+            tracker.log_params(cfg.flat())
+            tracker.log_text(cfg.to_yaml(), "config.yaml")
+        yield tracker
+    except BaseException as exc:
+        tracker.flush()
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            mlc.set_terminated(run_id, status=status)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
+        raise
+    if not tracker.flush():
+        raise McisError(f"run {run_id}: tracking server at {tracking_uri(cfg)} is gone; "
+                        f"buffered metrics could not be sent")
+    mlc.set_terminated(run_id, status="FINISHED")
+
+
+def _get_run(mlc, run_id: str, cfg: Config):
+    try:
+        return mlc.get_run(run_id)
+    except Exception:  # noqa: BLE001 - mlflow raises different types per store
+        raise McisError(f"run {run_id!r} not found in the tracking store {tracking_uri(cfg)}") from None
+
+
+@dataclass
+class SourceRun:
+    """A finished run whose artifacts feed the next stage."""
+
+    run_id: str
+    stage: str
+    artifact_uri: str
+    cache_root: Path
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+    def fetch(self, artifact_path: str = "") -> Path:
+        """Local path of an artifact: read in place from a local store, else downloaded once."""
+        parsed = urlparse(self.artifact_uri)
+        if parsed.scheme in ("", "file"):
+            local = Path(unquote(parsed.path)) / artifact_path
+            if local.exists():
+                return local
+        target = self.cache_root / self.run_id / artifact_path
+        if not target.exists():
+            import mlflow
+
+            self.cache_root.joinpath(self.run_id).mkdir(parents=True, exist_ok=True)
+            try:
+                mlflow.artifacts.download_artifacts(
+                    run_id=self.run_id,
+                    artifact_path=artifact_path or None,
+                    dst_path=str(self.cache_root / self.run_id),
+                )
+            except Exception as exc:  # noqa: BLE001
+                raise McisError(
+                    f"run {self.run_id} has no artifact {artifact_path!r} ({type(exc).__name__})"
+                ) from None
+        return target
+
+    def config(self) -> Config:
+        return load_config(self.fetch("config.yaml"))
+
+
+def resolve_run(cfg: Config, stages: str | tuple[str, ...], run_id: str | None = None) -> SourceRun:
+    """The run given by id (checked to be of one of `stages`), else the latest finished one."""
+    stages = (stages,) if isinstance(stages, str) else stages
+    mlc = client(cfg)
+    if run_id:
+        run = _get_run(mlc, run_id, cfg)
+        stage = run.data.tags.get(STAGE_TAG)
+        if stage not in stages:
+            raise McisError(
+                f"run {run_id} is a {stage!r} run; this command needs a {' or '.join(stages)} run"
+            )
+    else:
+        name = cfg.tracking.experiment or cfg.name
+        experiment = mlc.get_experiment_by_name(name)
+        runs = []
+        if experiment is not None:
+            quoted = ", ".join(f"'{s}'" for s in stages)
+            runs = mlc.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`{STAGE_TAG}` IN ({quoted}) and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+        if not runs:
+            raise McisError(
+                f"no finished {' or '.join(stages)} run in experiment {name!r} at {tracking_uri(cfg)}; "
+                f"run `mcis {stages[0]}` first or pass --from-run RUN_ID"
+            )
+        run = runs[0]
+    return SourceRun(
+        run_id=run.info.run_id,
+        stage=run.data.tags.get(STAGE_TAG, ""),
+        artifact_uri=run.info.artifact_uri,
+        cache_root=Path(cfg.output_dir) / "cache",
+        tags=dict(run.data.tags),
+        metrics=dict(run.data.metrics),
+    )
+
+
+def find_runs(cfg: Config, stage: str, **tags: str) -> list[SourceRun]:
+    """Finished runs of `stage` in the config's experiment carrying the given tags, newest first."""
+    mlc = client(cfg)
+    experiment = mlc.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
+    if experiment is None:
+        return []
+    clauses = [f"tags.`{STAGE_TAG}` = '{stage}'", "attributes.status = 'FINISHED'"]
+    clauses += [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    runs = mlc.search_runs(
+        [experiment.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"]
+    )
+    return [
+        SourceRun(r.info.run_id, stage, r.info.artifact_uri, Path(cfg.output_dir) / "cache",
+                  dict(r.data.tags), dict(r.data.metrics))
+        for r in runs
+    ]
