@@ -48,6 +48,11 @@ def friendly(command):
         except McisError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as exc:  # disk full, unwritable folder, ...: name the file, no traceback
+            where = f" {exc.filename}" if exc.filename else ""
+            err.print(f"[bold red]error:[/] cannot access{where}: {exc.strerror or exc}",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
@@ -115,10 +120,15 @@ def data_synth(
 @friendly
 def data_check(
     root: Annotated[Path, typer.Option("--root", help="The VOC2012 folder to validate.")],
+    write_labels: Annotated[bool, typer.Option(
+        "--write-labels", help="Write train_cls.txt / val_cls.txt from the masks first.")] = False,
 ) -> None:
     """Validate a VOC-layout tree and print counts and every problem found."""
     from mcis_cli.data import voc
 
+    if write_labels:
+        for name, count in voc.derive_labels(root).items():
+            out.print(f"wrote {count} label lines to {name}")
     report = voc.check(root)
     voc.print_report(report, out)
     if report.problems:

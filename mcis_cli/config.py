@@ -7,7 +7,7 @@ configs/toy.yaml shrinks them for the embedded dataset on a CPU.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,6 +21,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SynthCfg(Section):
+    """How `mcis pipeline` writes the embedded dataset when data.root does not exist."""
+
+    seed: int = 0
+    n_train: int = Field(320, ge=4)
+    n_val: int = Field(80, ge=2)
+    size: int = Field(96, ge=32)
+    n_extra: int = Field(0, ge=0)  # setting 2: extra single-label images
+    n_web: int = Field(0, ge=0)  # setting 3: noisy web images
+
+
 class DataCfg(Section):
     root: str = "data/toy"  # the VOC2012 folder: JPEGImages/, SegmentationClassAug/, ImageSets/
     train_list: str = "train_aug"  # ImageSets/Segmentation/<name>.txt
@@ -28,6 +39,7 @@ class DataCfg(Section):
     saliency_dir: str | None = None  # folder under root with <id>.png saliency maps
     extra_lists: list[str] = Field(default_factory=list)  # `<file> <class>` lists, settings 2/3
     workers: int = Field(2, ge=0)
+    synth: SynthCfg | None = None  # set for the embedded dataset only
 
 
 class LossWeights(Section):
@@ -125,6 +137,9 @@ class EvaluateCfg(Section):
     window: int = Field(401, ge=0)  # sliding-window size; 0 = whole image
     save_masks: bool = False
     overlays: int = Field(8, ge=0)
+    # background thresholds tried when scoring localization maps (SEAM-style sweep)
+    bg_sweep: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 13)],
+                                  min_length=1)
 
 
 class ExportCfg(Section):
@@ -204,12 +219,14 @@ def _set_dotted(tree: dict[str, Any], assignment: str) -> None:
         field = model.model_fields.get(part)
         if field is None:
             raise McisError(f"unknown config key in --set: {key!r}")
-        node = node.setdefault(part, {})
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
+        if not isinstance(node.get(part), dict):  # absent, or an optional section left null
+            node[part] = {}
+        node = node[part]
+        sections = [a for a in (field.annotation, *get_args(field.annotation))  # X | None too
+                    if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not sections:
             raise McisError(f"unknown config key in --set: {key!r}")
+        model = sections[0]
     if parts[-1] not in model.model_fields:
         raise McisError(f"unknown config key in --set: {key!r}")
     node[parts[-1]] = yaml.safe_load(raw)

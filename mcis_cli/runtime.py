@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mcis_cli.errors import McisError
+from mcis_cli.files import atomic_path, exclusive  # noqa: F401 - re-exported for the stages
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -35,27 +33,6 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and dist.is_available() and dist.is_initialized():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
-
-
-# ---- files --------------------------------------------------------------------------------
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it into place.
-
-    A kill at any moment leaves either the old file or the complete new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -31,15 +32,21 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 STAGE_TAG = "mcis.stage"
 SOURCE_TAG = "mcis.source_run"
 MAX_BUFFER = 100_000  # metrics kept while a server is away
+RETRY_SECONDS = 30.0  # after a failed flush, steps only buffer until this much time has passed
 
 
 def tracking_uri(cfg: Config | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else the config's, else ./mlflow.db made absolute.
+
+    Absolute because MLflow caches one database engine per URI string: a relative URI would
+    keep pointing at the first working directory's database after a chdir.
+    """
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     if cfg is not None and cfg.tracking.uri:
         return cfg.tracking.uri
-    return DEFAULT_URI
+    return "sqlite:///" + str(Path(DEFAULT_URI.removeprefix("sqlite:///")).resolve())
 
 
 def _check_reachable(uri: str) -> None:
@@ -56,6 +63,22 @@ def _check_reachable(uri: str) -> None:
     )
 
 
+def _check_login(mlc, uri: str) -> None:
+    """A server with authentication (docker-compose.yml's) answers 401 to a missing or wrong login."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlc.search_experiments(max_results=1)
+    except MlflowException as exc:
+        code = exc.get_http_status_code()
+        if code not in (401, 403):
+            raise
+        raise McisError(
+            f"tracking server {uri} refused the login (HTTP {code}); set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD to an account on it"
+        ) from None
+
+
 def client(cfg: Config | None = None):
     """An MlflowClient on the configured store, after checking a remote server answers."""
     import mlflow
@@ -63,11 +86,16 @@ def client(cfg: Config | None = None):
 
     uri = tracking_uri(cfg)
     _check_reachable(uri)
+    # "Creating initial MLflow database tables..." would precede every first command's output
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mlc = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if uri.startswith(("http://", "https://")):
+        _check_login(mlc, uri)
+    return mlc
 
 
 def experiment_id(mlc, cfg: Config) -> str:
@@ -79,14 +107,17 @@ def experiment_id(mlc, cfg: Config) -> str:
 
 
 def git_commit() -> str:
+    """HEAD of the source checkout; in an image built without .git, MCIS_GIT_COMMIT (a build arg)."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
         )
+        if out.returncode == 0:
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        pass
+    return os.environ.get("MCIS_GIT_COMMIT", "unknown")
 
 
 def dataset_fingerprint(root: str | Path) -> str:
@@ -108,6 +139,7 @@ class Tracker:
         self.flush_every = flush_every
         self._buffer: list[Any] = []
         self._warned = False
+        self._retry_at = 0.0  # monotonic time before which log_metrics does not try to send
 
     # metrics -------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -116,11 +148,15 @@ class Tracker:
         now = int(time.time() * 1000)
         for key, value in metrics.items():
             self._buffer.append(Metric(key, float(value), now, int(step or 0)))
-        if len(self._buffer) >= self.flush_every:
+        if len(self._buffer) >= self.flush_every and time.monotonic() >= self._retry_at:
             self.flush()
 
     def flush(self) -> bool:
-        """Send buffered metrics; on failure keep them for the next try and say so once."""
+        """Send buffered metrics; on failure keep them for the next try and say so once.
+
+        A failed send costs seconds of HTTP retries, so after one, `log_metrics` keeps buffering
+        for RETRY_SECONDS instead of stalling every training step; an explicit flush always tries.
+        """
         while self._buffer:
             chunk = self._buffer[:1000]
             try:
@@ -131,6 +167,7 @@ class Tracker:
                           "metrics are buffered and sent when it is back", file=sys.stderr)
                     self._warned = True
                 del self._buffer[: max(0, len(self._buffer) - MAX_BUFFER)]
+                self._retry_at = time.monotonic() + RETRY_SECONDS
                 return False
             del self._buffer[: len(chunk)]
         if self._warned:
@@ -221,6 +258,25 @@ class NullTracker(Tracker):
         return lambda *args, **kwargs: None
 
 
+def download_model(uri: str) -> Path:
+    """Local .onnx file behind a registry URI such as `models:/mcis-deeplab/3` (read in place
+    from a local store, downloaded from a server)."""
+    import mlflow
+
+    client()
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:  # noqa: BLE001 - mlflow raises different types per store
+        raise McisError(
+            f"model {uri} not found in the registry at {tracking_uri()} ({type(exc).__name__}); "
+            "check the name and version, e.g. in `mcis ui`"
+        ) from None
+    found = sorted(folder.glob("*.onnx"))
+    if not found:
+        raise McisError(f"model {uri} holds no .onnx file; register one with `mcis export`")
+    return found[0]
+
+
 def workdir(cfg: Config, run_id: str) -> Path:
     """Local folder of a run: stages write here, then log it as artifacts."""
     path = Path(cfg.output_dir) / run_id
@@ -304,7 +360,11 @@ class SourceRun:
     metrics: dict[str, float]
 
     def fetch(self, artifact_path: str = "") -> Path:
-        """Local path of an artifact: read in place from a local store, else downloaded once."""
+        """Local path of an artifact: read in place from a local store, else downloaded once.
+
+        MLflow writes `a/b/file` to `<dst>/file`, so the download goes to a temporary folder
+        beside the target and is renamed into place: a killed download leaves no partial file.
+        """
         parsed = urlparse(self.artifact_uri)
         if parsed.scheme in ("", "file"):
             local = Path(unquote(parsed.path)) / artifact_path
@@ -314,17 +374,21 @@ class SourceRun:
         if not target.exists():
             import mlflow
 
-            self.cache_root.joinpath(self.run_id).mkdir(parents=True, exist_ok=True)
-            try:
-                mlflow.artifacts.download_artifacts(
-                    run_id=self.run_id,
-                    artifact_path=artifact_path or None,
-                    dst_path=str(self.cache_root / self.run_id),
-                )
-            except Exception as exc:  # noqa: BLE001
-                raise McisError(
-                    f"run {self.run_id} has no artifact {artifact_path!r} ({type(exc).__name__})"
-                ) from None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent, ignore_cleanup_errors=True) as tmp:
+                try:
+                    local = mlflow.artifacts.download_artifacts(
+                        run_id=self.run_id, artifact_path=artifact_path or None, dst_path=tmp
+                    )
+                except Exception as exc:  # noqa: BLE001
+                    raise McisError(
+                        f"run {self.run_id} has no artifact {artifact_path!r} ({type(exc).__name__})"
+                    ) from None
+                try:
+                    os.replace(local, target)
+                except OSError:
+                    if not target.exists():  # else another process fetched it meanwhile
+                        raise
         return target
 
     def config(self) -> Config:
@@ -346,43 +410,57 @@ def resolve_run(cfg: Config, stages: str | tuple[str, ...], run_id: str | None =
         name = cfg.tracking.experiment or cfg.name
         experiment = mlc.get_experiment_by_name(name)
         runs = []
-        if experiment is not None:
-            quoted = ", ".join(f"'{s}'" for s in stages)
-            runs = mlc.search_runs(
+        for stage in stages if experiment is not None else ():  # tags take no IN in MLflow search
+            runs += mlc.search_runs(
                 [experiment.experiment_id],
-                filter_string=f"tags.`{STAGE_TAG}` IN ({quoted}) and attributes.status = 'FINISHED'",
+                filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
                 order_by=["attributes.start_time DESC"],
                 max_results=1,
             )
+        runs.sort(key=lambda r: r.info.start_time, reverse=True)
         if not runs:
             raise McisError(
                 f"no finished {' or '.join(stages)} run in experiment {name!r} at {tracking_uri(cfg)}; "
                 f"run `mcis {stages[0]}` first or pass --from-run RUN_ID"
             )
         run = runs[0]
-    return SourceRun(
-        run_id=run.info.run_id,
-        stage=run.data.tags.get(STAGE_TAG, ""),
-        artifact_uri=run.info.artifact_uri,
-        cache_root=Path(cfg.output_dir) / "cache",
-        tags=dict(run.data.tags),
-        metrics=dict(run.data.metrics),
-    )
+    return _source(cfg, run)
 
 
-def find_runs(cfg: Config, stage: str, **tags: str) -> list[SourceRun]:
-    """Finished runs of `stage` in the config's experiment carrying the given tags, newest first."""
+def _source(cfg: Config, run) -> SourceRun:
+    return SourceRun(run.info.run_id, run.data.tags.get(STAGE_TAG, ""), run.info.artifact_uri,
+                     Path(cfg.output_dir) / "cache", dict(run.data.tags), dict(run.data.metrics))
+
+
+def find_runs(cfg: Config, stage: str, finished: bool = True, **tags: str) -> list[SourceRun]:
+    """Runs of `stage` in the config's experiment carrying the given tags, newest first:
+    the FINISHED ones, or with finished=False the ones that did not finish."""
     mlc = client(cfg)
     experiment = mlc.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
     if experiment is None:
         return []
-    clauses = [f"tags.`{STAGE_TAG}` = '{stage}'", "attributes.status = 'FINISHED'"]
+    status = "= 'FINISHED'" if finished else "!= 'FINISHED'"
+    clauses = [f"tags.`{STAGE_TAG}` = '{stage}'", f"attributes.status {status}"]
     clauses += [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
     runs = mlc.search_runs(
         [experiment.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"]
     )
-    return [
-        SourceRun(r.info.run_id, stage, r.info.artifact_uri, Path(cfg.output_dir) / "cache",
-                  dict(r.data.tags), dict(r.data.metrics))
-        for r in runs
-    ]
+    return [_source(cfg, r) for r in runs]
+
+
+def finished_children(cfg: Config, parent_id: str, key_tag: str) -> dict[str, SourceRun]:
+    """FINISHED nested runs of `parent_id`, keyed by their `key_tag` (oldest wins)."""
+    mlc = client(cfg)
+    parent = _get_run(mlc, parent_id, cfg)
+    runs = mlc.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return {r.data.tags[key_tag]: _source(cfg, r) for r in runs if key_tag in r.data.tags}
+
+
+def set_run_tags(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
+    mlc = client(cfg)
+    for key, value in tags.items():
+        mlc.set_tag(run_id, key, str(value))

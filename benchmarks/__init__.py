@@ -1,0 +1,1 @@
+"""Ratio benchmarks (`make bench`): each bench_*.py module's main() measures and prints a table."""

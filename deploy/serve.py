@@ -1,0 +1,83 @@
+"""Watched-folder segmentation: the `serve` service of docker-compose.yml.
+
+Images dropped into --inbox are segmented by `mcis predict`'s code with the ONNX model (fetched
+once from the registry when --model is a models:/ URI), masks and overlays are written to
+--outbox, and each image is moved to <inbox>/done, or to <inbox>/failed with the reason printed.
+
+    python deploy/serve.py --model models:/mcis-deeplab/latest --inbox in/ --outbox out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from mcis_cli import tracking
+from mcis_cli.errors import McisError
+from mcis_cli.stages import predict
+
+SETTLE_SECONDS = 2.0  # a file modified more recently may still be being copied in
+
+
+def pending(inbox: Path) -> list[Path]:
+    now = time.time()
+    return sorted(
+        path for path in inbox.iterdir()
+        if path.is_file() and path.suffix.lower() in predict.IMAGE_SUFFIXES
+        and now - path.stat().st_mtime >= SETTLE_SECONDS
+    )
+
+
+def move(paths: list[Path], folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    for path in paths:
+        path.replace(folder / path.name)
+
+
+def process(model: Path, batch: list[Path], outbox: Path, provider: str) -> None:
+    """Segment a batch; if it fails, retry image by image so one bad file fails alone."""
+    try:
+        print(predict.run(model, [str(p) for p in batch], outbox, provider=provider), flush=True)
+    except McisError as exc:
+        if len(batch) > 1:
+            for path in batch:
+                process(model, [path], outbox, provider)
+            return
+        print(f"failed: {batch[0].name}: {exc}", file=sys.stderr, flush=True)
+        move(batch, batch[0].parent / "failed")
+        return
+    move(batch, batch[0].parent / "done")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model.onnx or models:/mcis-deeplab/<version>")
+    parser.add_argument("--inbox", type=Path, required=True)
+    parser.add_argument("--outbox", type=Path, required=True)
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between folder scans")
+    parser.add_argument("--once", action="store_true", help="process what is there, then exit")
+    args = parser.parse_args(argv)
+    try:
+        model = tracking.download_model(args.model) if args.model.startswith("models:/") else Path(args.model)
+        predict.read_metadata(model)  # a bad model is an error here, not a failure of every image
+        args.inbox.mkdir(parents=True, exist_ok=True)
+        print(f"watching {args.inbox} with {args.model} ({model}); results in {args.outbox}", flush=True)
+        while True:
+            batch = pending(args.inbox)
+            if batch:
+                process(model, batch, args.outbox, args.provider)
+            if args.once:
+                return 0
+            time.sleep(args.interval)
+    except McisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Image and mask I/O and the few augmentations MCIS uses, on numpy arrays (HxWx3 / HxW uint8).
+
+Images are RGB uint8 everywhere; masks are uint8 index maps (0 background, 1..K, 255 ignore).
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageEnhance, UnidentifiedImageError
+
+from mcis_cli.errors import McisError
+from mcis_cli.files import atomic_path
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)  # padding colour: zero after to_tensor
+IGNORE = 255
+
+_ENHANCE = {
+    "brightness": ImageEnhance.Brightness,
+    "contrast": ImageEnhance.Contrast,
+    "saturation": ImageEnhance.Color,
+}
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+@contextmanager
+def _readable(path: str | Path) -> Iterator[None]:
+    """Every way an image file can be unusable becomes one McisError naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise McisError(
+            f"{path}: image too large for Pillow's decompression-bomb limit ({exc})"
+        ) from None
+    except FileNotFoundError:
+        raise McisError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise McisError(
+            f"{path}: corrupt or unreadable image ({exc}); replace or remove it"
+        ) from None
+
+
+def _open(path: str | Path) -> Image.Image:
+    with _readable(path):
+        image = Image.open(path)
+        image.load()  # decode now: a truncated file fails here, not mid-epoch
+    return image
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """(h, w) of an image, decoding all of it at 1/8 scale: fast, yet a truncated JPEG still fails."""
+    with _readable(path):
+        image = Image.open(path)
+        size = (image.height, image.width)
+        image.draft(None, (image.width // 8, image.height // 8))
+        image.load()
+    return size
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 HxWx3; gray, palette, CMYK and RGBA inputs are converted."""
+    image = _open(path)
+    if image.mode in ("I", "I;16", "F"):  # 16-bit / float gray: rescale to 8 bit first
+        values = np.asarray(image, dtype=np.float64)
+        span = max(values.max() - values.min(), 1e-12)
+        image = Image.fromarray(np.uint8(255 * (values - values.min()) / span))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_index_png(path: str | Path) -> np.ndarray:
+    """uint8 HxW class indices from a palette ('P') or gray ('L') PNG; the palette is ignored."""
+    image = _open(path)
+    if image.mode not in ("P", "L"):
+        raise McisError(
+            f"{path}: expected an index PNG (palette or 8-bit gray), got mode {image.mode}"
+        )
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map as a (256, 3) uint8 array: `voc_palette()[mask]` colours a mask."""
+    index = np.arange(256, dtype=np.uint8)
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for bit in range(3):  # index bits 3*bit + channel go to colour bit 7 - bit
+        for channel in range(3):
+            palette[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
+    return palette
+
+
+def palette_image(mask: np.ndarray) -> Image.Image:
+    """An index mask as a Pillow 'P' image with the VOC colours."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"mask must be a 2-D uint8 array, got {mask.dtype} {mask.shape}")
+    image = Image.fromarray(mask)
+    image.putpalette(voc_palette().tobytes())
+    return image
+
+
+def save_palette_png(path: str | Path, mask: np.ndarray) -> None:
+    """Write an index mask as a VOC palette PNG, atomically (a kill never leaves a torn file)."""
+    image = palette_image(mask)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> float32 3xHxW normalised with the ImageNet mean and std."""
+    import torch  # here, so that data tools and ONNX serving never load torch
+
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def resize(image: np.ndarray, size: tuple[int, int], resample: str = "bilinear") -> np.ndarray:
+    """Resize to (h, w) with Pillow; use resample='nearest' for index masks.
+
+    Works on uint8 HxWx3 / HxW and float32 HxW (maps), keeping the dtype.
+    """
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    out = Image.fromarray(image).resize((w, h), _RESAMPLE[resample])
+    return np.asarray(out, dtype=image.dtype).copy()
+
+
+def random_scale_crop_flip(
+    image: np.ndarray,
+    mask: np.ndarray,
+    crop: int,
+    scale_range: Sequence[float],
+    mirror: bool,
+    rng: random.Random,
+) -> tuple[np.ndarray, np.ndarray]:
+    """DeepLab training augmentation: one random scale, pad to the crop, random crop, random mirror.
+
+    The image is padded with the mean colour (zero after normalisation) and the mask with 255, so
+    padding never counts as background. Image and mask get the same geometry.
+    """
+    scale = rng.uniform(*scale_range)
+    h, w = mask.shape
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    image = resize(image, size, "bilinear")
+    mask = resize(mask, size, "nearest")
+    pad_h, pad_w = max(crop - size[0], 0), max(crop - size[1], 0)
+    if pad_h or pad_w:
+        canvas = np.empty((size[0] + pad_h, size[1] + pad_w, 3), dtype=np.uint8)
+        canvas[:] = MEAN_RGB
+        canvas[: size[0], : size[1]] = image
+        image = canvas
+        mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE)
+    top = rng.randint(0, mask.shape[0] - crop)
+    left = rng.randint(0, mask.shape[1] - crop)
+    image = image[top : top + crop, left : left + crop]
+    mask = mask[top : top + crop, left : left + crop]
+    if mirror and rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+def color_jitter(
+    image: np.ndarray, strength: Sequence[float], rng: random.Random | None = None
+) -> np.ndarray:
+    """torchvision's ColorJitter(brightness, contrast, saturation, hue) on one RGB image.
+
+    As torchvision: factors uniform in [1 - s, 1 + s] (blends with black, the gray mean, the gray
+    image), a hue shift uniform in [-h, h] turns, the four applied in random order. Draws from
+    `rng`, else from Python's global generator (which seed_everything and DataLoader workers seed).
+    """
+    rng = rng or random
+    *factors, hue = strength
+    ops = [
+        (name, rng.uniform(max(0.0, 1 - s), 1 + s))
+        for name, s in zip(_ENHANCE, factors, strict=True)
+        if s
+    ]
+    if hue:
+        ops.append(("hue", rng.uniform(-hue, hue)))
+    rng.shuffle(ops)
+    out = Image.fromarray(image)
+    for name, value in ops:
+        if name == "hue":
+            hsv = np.asarray(out.convert("HSV")).copy()
+            hsv[..., 0] += np.uint8(round(value * 256) % 256)  # wraps around like an angle
+            out = Image.frombytes("HSV", out.size, hsv.tobytes()).convert("RGB")
+        else:
+            out = _ENHANCE[name](out).enhance(value)
+    return np.asarray(out, dtype=np.uint8).copy()

@@ -1,0 +1,84 @@
+"""Test-time segmentation as the official MCIS code does it [code eval_res.py, utils.py].
+
+Every scale: resize, normalise, forward (in windows when the image is larger than `window`),
+softmax, resize the probabilities back; then average over scales and horizontal flips.
+Differences from the Caffe code, none of which changes what is averaged: bilinear instead of
+bicubic resizing (bicubic can push probabilities below 0), and windows are clipped to the
+image instead of zero-padding it to 401 px.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcis_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _starts(size: int, window: int, stride: int) -> list[int]:
+    """Window offsets that cover 0..size with the last window flush with the end."""
+    if size <= window:
+        return [0]
+    return sorted({*range(0, size - window, stride), size - window})
+
+
+def _probs(model: nn.Module, x: torch.Tensor, window: int) -> torch.Tensor:
+    """Softmax of (N, 3, h, w) at input size; overlapping windows are averaged."""
+    h, w = x.shape[-2:]
+    if window <= 0 or (h <= window and w <= window):
+        logits = model(x)
+        if logits.shape[-2:] != (h, w):
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return logits.softmax(1)
+    stride = max(1, window * 2 // 3)  # 401 -> 267 [code eval_res.py]
+    total = hits = None
+    for top in _starts(h, window, stride):
+        for left in _starts(w, window, stride):
+            crop = x[..., top : top + window, left : left + window]
+            p = _probs(model, crop, 0)
+            if total is None:
+                total = x.new_zeros(x.shape[0], p.shape[1], h, w)
+                hits = x.new_zeros(1, 1, h, w)
+            total[..., top : top + window, left : left + window] += p
+            hits[..., top : top + window, left : left + window] += 1
+    return total / hits
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    image: np.ndarray,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int = 0,
+    device: str | torch.device = "cpu",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> np.ndarray:
+    """(C, H, W) float32 class probabilities of an HxWx3 uint8 RGB image.
+
+    `model` maps normalised (N, 3, h, w) images to (N, C, h, w) logits and should be in eval
+    mode. A flip and its original go through the network as one batch of two.
+    """
+    h, w = image.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(
+        std, device=device
+    ).view(1, 3, 1, 1)
+    total = None
+    for scale in scales:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            xs = torch.cat([xs, xs.flip(-1)])
+        p = _probs(model, xs, window)
+        p = p[:1] + p[1:].flip(-1) if flip else p
+        if size != (h, w):
+            p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        total = p if total is None else total + p
+    views = len(scales) * (2 if flip else 1)
+    return (total[0] / views).float().cpu().numpy()

@@ -1,0 +1,114 @@
+"""Figures: confusion heat map, per-class IoU bars, overlay grid, sweep curve, ablation chart.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot state, no display),
+so they can be made in any thread or headless job; `tracking.Tracker.log_figure` saves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from mcis_cli.data.transforms import voc_palette
+
+
+def _figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def confusion_figure(cm: np.ndarray, class_names: Sequence[str]) -> Figure:
+    """Row-normalised confusion matrix: row i shows where the pixels of class i went (recall)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    n = len(class_names)
+    side = max(4.0, 0.45 * n + 2)
+    figure = _figure(side + 1, side)
+    ax = figure.add_subplot()
+    shown = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
+    ax.set_xticks(range(n), class_names, rotation=90)
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    if n <= 25:
+        for i, j in zip(*np.nonzero(norm >= 0.005), strict=True):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    return figure
+
+
+def iou_figure(iou: dict[str, float], miou: float) -> Figure:
+    """Per-class IoU bars with the mean as a line; absent classes (NaN) are shown empty."""
+    names = list(iou)
+    values = np.array([iou[c] for c in names], dtype=np.float64)
+    figure = _figure(max(5.0, 0.4 * len(names) + 1.5), 4)
+    ax = figure.add_subplot()
+    ax.bar(range(len(names)), np.nan_to_num(values * 100), color="tab:blue")
+    ax.axhline(miou * 100, color="tab:red", linestyle="--", label=f"mIoU {miou * 100:.1f}")
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("IoU (%)")
+    ax.legend(loc="upper right")
+    return figure
+
+
+def sweep_figure(thresholds: Sequence[float], mious: Sequence[float], best: float) -> Figure:
+    """mIoU against the background threshold of localization maps."""
+    figure = _figure(5, 3.5)
+    ax = figure.add_subplot()
+    ax.plot(thresholds, np.asarray(mious) * 100, marker="o")
+    ax.axvline(best, color="tab:red", linestyle="--", label=f"best {best:.2f}")
+    ax.set_xlabel("background threshold")
+    ax.set_ylabel("mIoU (%)")
+    ax.legend()
+    return figure
+
+
+def ablation_chart(scores: dict[str, Sequence[float]]) -> Figure:
+    """Mean mIoU per variant with its standard deviation over seeds, each seed as a dot."""
+    names = list(scores)
+    figure = _figure(6, 0.45 * len(names) + 1.2)
+    ax = figure.add_subplot()
+    means = [100 * float(np.mean(scores[n])) for n in names]
+    stds = [100 * float(np.std(scores[n])) for n in names]
+    ax.barh(range(len(names)), means, xerr=stds, color="tab:blue", alpha=0.6, capsize=3)
+    for row, name in enumerate(names):
+        values = 100 * np.asarray(scores[name], dtype=np.float64)
+        ax.plot(values, np.full(values.shape, row), "o", color="black", markersize=3)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()  # first variant on top, as in the table
+    ax.set_xlabel("mIoU (%), mean ± std over seeds")
+    return figure
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    """HxW index mask -> HxWx3 uint8 in the VOC palette (255 = ignore in cream)."""
+    return voc_palette()[np.asarray(mask, dtype=np.uint8)]
+
+
+def overlay_grid(
+    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], height: int = 160, gap: int = 4
+) -> np.ndarray:
+    """One row per sample: image | ground truth | prediction, each scaled to `height` px."""
+    strips = []
+    for image, gt, pred in rows:
+        h, w = gt.shape
+        size = (max(1, round(w * height / h)), height)
+        tiles = [
+            Image.fromarray(image).resize(size, Image.Resampling.BILINEAR),
+            Image.fromarray(colorize(gt)).resize(size, Image.Resampling.NEAREST),
+            Image.fromarray(colorize(pred)).resize(size, Image.Resampling.NEAREST),
+        ]
+        spacer = np.full((height, gap, 3), 255, np.uint8)
+        parts = [np.asarray(tiles[0]), spacer, np.asarray(tiles[1]), spacer, np.asarray(tiles[2])]
+        strips.append(np.concatenate(parts, axis=1))
+    width = max(s.shape[1] for s in strips)
+    padded = [np.pad(s, ((0, gap), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in strips]
+    return np.concatenate(padded, axis=0)[:-gap]

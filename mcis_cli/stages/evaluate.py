@@ -1,0 +1,333 @@
+"""`mcis evaluate`: score any stage's output against the ground-truth masks, in its own run.
+
+- a segment run: its model, multi-scale + flip, then the dense CRF; both the plain and the CRF
+  scores are logged (`miou` is the final one, `miou_nocrf` the other), since the CRF does not
+  always help (anchors §5, #6);
+- a pseudolabel run: its masks, over the pixels they label (255 = ignore is left out, not
+  counted as wrong), plus the fraction they leave unlabelled;
+- a localize run: its maps, over a sweep of background thresholds; `miou` is the best one.
+
+Runs are tagged with what was scored and where (mcis.scored_stage, mcis.split, mcis.crf): users
+mix up train pseudo-label mIoU with val segmentation mIoU all the time (anchors §5, #2).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mcis_cli import metrics, plots, runtime, tracking
+from mcis_cli.config import Config
+from mcis_cli.crf import crf_map
+from mcis_cli.data import transforms, voc
+from mcis_cli.errors import McisError
+from mcis_cli.inference import predict_probs
+from mcis_cli.progress import work_progress
+from mcis_cli.stages import StageResult
+
+STAGES = ("segment", "pseudolabel", "localize")
+CHECKPOINT = "checkpoints/model.pt"
+LABELS_TAG = "mcis.labels"  # set by segment: "gt" marks the fully supervised ceiling
+# VOC 2012 val mIoU (%) of MCIS and the baselines it compares with, and how sure we are of each
+# (shared/reference/mcis_method.md §6).
+REFERENCES = (
+    ("MCIS", "VGG16 LargeFOV", 63.5, "recalled, not verified"),
+    ("MCIS", "ResNet-101 LargeFOV", 66.2, "verified: MCIS README"),
+    ("PSA", "VGG16", 58.4, "recalled, not verified"),
+    ("OAA+", "VGG16 LargeFOV", 63.1, "recalled, not verified"),
+)
+
+console = Console()
+
+
+@dataclass
+class Scored:
+    """What a scorer measured: the final confusion matrix and what is particular to the stage."""
+
+    cm: np.ndarray
+    note: str  # what was measured, for results.md
+    headline: dict[str, float] = field(default_factory=dict)  # returned and tabulated
+    extra: dict[str, float] = field(default_factory=dict)  # logged only
+    overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (threshold, miou)
+
+
+def overlay_ids(samples: Sequence[voc.Sample], count: int) -> set[str]:
+    """`count` samples spread evenly over the split: the same ones on every run."""
+    if count <= 0 or not samples:
+        return set()
+    picks = np.linspace(0, len(samples) - 1, min(count, len(samples))).round().astype(int)
+    return {samples[i].id for i in picks}
+
+
+def _require(paths: Iterable[Path], what: str, hint: str) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise McisError(f"{len(missing)} images have no {what} (first: {missing[0]}); {hint}")
+
+
+def _tally(
+    items: Iterator[tuple[voc.Sample, np.ndarray, np.ndarray]], total: int, num_classes: int,
+    shown: set[str], masks_dir: Path | None, ignore_pred: bool = False,
+) -> tuple[np.ndarray, list, float]:
+    """Confusion matrix of (sample, gt, pred) items with a progress bar; keeps the overlays,
+    writes the masks when asked. Returns (cm, overlays, fraction of pixels predicted 255)."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    overlays, ignored, pixels = [], 0, 0
+    with work_progress() as bar:
+        task = bar.add_task("evaluate", total=total)
+        for sample, gt, pred in items:
+            cm += metrics.confusion_matrix(pred, gt, num_classes, ignore_pred=ignore_pred)
+            ignored += int((pred == transforms.IGNORE).sum())
+            pixels += pred.size
+            if sample.id in shown:
+                overlays.append((transforms.load_image(sample.image), gt, pred))
+            if masks_dir is not None:
+                transforms.save_palette_png(masks_dir / f"{sample.id}.png", pred)
+            bar.advance(task)
+    return cm, overlays, ignored / max(pixels, 1)
+
+
+# ---- the three scorers -------------------------------------------------------------------
+def _score_segment(cfg: Config, model, meta: dict, samples, names, shown, masks_dir) -> Scored:
+    """Multi-scale + flip inference, then (optionally) the CRF in worker processes; the CRF runs
+    on images already predicted while the next ones go through the network."""
+    ev, root, k = cfg.evaluate, cfg.data.root, len(names)
+    device = runtime.select_device(cfg.device)
+    model.to(device).eval()
+    plain = np.zeros((k, k), np.int64)
+    waiting: deque = deque()
+
+    def predictions():
+        for sample in samples:
+            image = transforms.load_image(sample.image)
+            gt = voc.load_mask(root, sample.id)
+            probs = predict_probs(model, image, ev.scales, ev.flip, ev.window, device,
+                                  meta.get("mean", transforms.IMAGENET_MEAN),
+                                  meta.get("std", transforms.IMAGENET_STD))
+            pred = probs.argmax(0).astype(np.uint8)
+            plain[:] += metrics.confusion_matrix(pred, gt, k)
+            waiting.append((sample, gt, pred))
+            yield image, probs
+
+    if ev.crf:
+        refined = crf_map(predictions(), ev.crf_params, ev.jobs, argmax=True)
+        items = ((*waiting.popleft()[:2], pred) for pred in refined)
+    else:
+        items = (waiting.popleft() for _ in predictions())
+    cm, overlays, _ = _tally(items, len(samples), k, shown, masks_dir)
+    note = (f"Model predictions: scales {ev.scales}, flip {ev.flip}, window {ev.window or 'none'}"
+            + (f", dense CRF {ev.crf_params.model_dump()}." if ev.crf else ", no CRF."))
+    if not ev.crf:
+        return Scored(cm, note, overlays=overlays)
+    before = metrics.scores(plain, names)
+    after = metrics.scores(cm, names)["miou"]
+    return Scored(
+        cm,
+        note,
+        headline={"miou_nocrf": before["miou"], "crf_gain": after - before["miou"]},
+        extra=metrics.mlflow_metrics(before, prefix="nocrf/"),
+        overlays=overlays,
+    )
+
+
+def _score_pseudo(cfg: Config, folder: Path, samples, names, shown, masks_dir) -> Scored:
+    root = cfg.data.root
+    items = (
+        (s, voc.load_mask(root, s.id), transforms.read_index_png(folder / f"{s.id}.png"))
+        for s in samples
+    )
+    cm, overlays, ignored = _tally(items, len(samples), len(names), shown, masks_dir, ignore_pred=True)
+    note = ("Pseudo masks scored over the pixels they label: 255 (ignore) is left out, not "
+            "counted as wrong; ignore_fraction is the share of pixels left unlabelled.")
+    return Scored(cm, note, headline={"ignore_fraction": ignored}, overlays=overlays)
+
+
+def _score_maps(cfg: Config, folder: Path, samples, names, shown, masks_dir) -> Scored:
+    """Background-threshold sweep; overlays and masks come from a second pass at the best one."""
+    from mcis_cli.stages.localize import load_maps
+
+    root, k, thresholds = cfg.data.root, len(names), cfg.evaluate.bg_sweep
+    total = np.zeros((len(thresholds), k, k), np.int64)
+    with work_progress() as bar:
+        task = bar.add_task("sweep", total=len(samples))
+        for sample in samples:
+            maps, classes = load_maps(folder / f"{sample.id}.npz")
+            total += metrics.threshold_sweep(maps, classes, voc.load_mask(root, sample.id), thresholds, k)
+            bar.advance(task)
+    mious = [metrics.scores(cm, names)["miou"] for cm in total]
+    best = int(np.nanargmax(mious))
+    threshold = thresholds[best]
+
+    def at_best(sample):
+        maps, classes = load_maps(folder / f"{sample.id}.npz")
+        return sample, voc.load_mask(root, sample.id), metrics.labels_from_maps(maps, classes, threshold)
+
+    again = samples if masks_dir is not None else [s for s in samples if s.id in shown]
+    _, overlays, _ = _tally(map(at_best, again), len(again), k, shown, masks_dir)
+    note = ("Localization maps: label = argmax over [background threshold, maps]; the scores "
+            f"are those of the best of {len(thresholds)} thresholds.")
+    return Scored(
+        total[best], note, headline={"best_threshold": threshold}, overlays=overlays,
+        curve=list(zip(thresholds, mious, strict=True)),
+    )
+
+
+# ---- reporting ---------------------------------------------------------------------------
+def ceiling_miou(cfg: Config, split: str, crf: bool) -> float | None:
+    """mIoU of the newest fully supervised model (segment --labels gt) on `split`, preferring an
+    evaluate run with the same CRF setting, else that segment run's own validation mIoU."""
+    for run in tracking.find_runs(cfg, "segment", **{LABELS_TAG: "gt"}):
+        scored = tracking.find_runs(cfg, "evaluate", **{tracking.SOURCE_TAG: run.run_id, "mcis.split": split})
+        same = [r for r in scored if r.tags.get("mcis.crf") == str(crf).lower()]
+        for r in same or scored:
+            if "miou" in r.metrics:
+                return r.metrics["miou"]
+        if split == cfg.data.val_list and "val/miou" in run.metrics:
+            return run.metrics["val/miou"]
+    return None
+
+
+def _pct(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def results_markdown(title: str, note: str, summary: dict[str, float], result: dict, curve,
+                     references: bool) -> str:
+    lines = [f"# {title}", "", note, "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in summary.items()]
+    lines += ["", "| class | IoU % | precision % | recall % |", "|---|---|---|---|"]
+    for name, iou in result["iou"].items():
+        lines.append(f"| {name} | {_pct(iou)} | {_pct(result['precision'][name])} | "
+                     f"{_pct(result['recall'][name])} |")
+    if curve:
+        lines += ["", "| background threshold | mIoU % |", "|---|---|"]
+        lines += [f"| {t:.2f} | {_pct(m)} |" for t, m in curve]
+    if references:
+        lines += ["", "Published VOC 2012 val mIoU (MS + flip + CRF), for comparison:", "",
+                  "| method | segmentation network | val mIoU % | source |", "|---|---|---|---|",
+                  f"| this run | | {_pct(summary['miou'])} | measured |"]
+        lines += [f"| {m} | {net} | {v:.1f} | {src} |" for m, net, v, src in REFERENCES]
+    return "\n".join(lines) + "\n"
+
+
+def _print_table(title: str, summary: dict[str, float], result: dict) -> None:
+    table = Table(title=title, header_style="bold")
+    for column in ("class", "IoU %", "precision %", "recall %"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, iou in result["iou"].items():
+        table.add_row(name, _pct(iou), _pct(result["precision"][name]), _pct(result["recall"][name]))
+    table.add_section()
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4f}", "", "")
+    console.print(table)
+
+
+def _write_confusion_csv(path: Path, cm: np.ndarray, names: Sequence[str]) -> None:
+    with runtime.atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["gt \\ pred", *names])
+        writer.writerows([name, *row] for name, row in zip(names, cm.tolist(), strict=True))
+
+
+def _json_safe(result: dict) -> dict:
+    fix = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    return {k: {c: fix(x) for c, x in v.items()} if isinstance(v, dict) else fix(v) for k, v in result.items()}
+
+
+# ---- the stage ---------------------------------------------------------------------------
+def _source(cfg: Config, from_run: str | None) -> tracking.SourceRun:
+    """The given run of any scorable stage, else the latest finished segment run."""
+    if from_run:
+        return tracking.resolve_run(cfg, STAGES, from_run)
+    runs = tracking.find_runs(cfg, "segment")
+    if not runs:
+        raise McisError(f"no finished segment run in experiment {cfg.tracking.experiment or cfg.name!r}; "
+                        f"run `mcis segment` first or pass --from-run RUN_ID")
+    return runs[0]
+
+
+def _inputs(cfg: Config, source: tracking.SourceRun, samples, names) -> tuple:
+    """What the scorer of the source's stage reads: the model and its metadata, or the folder
+    of pseudo masks / maps, which must hold a file for every image of the split."""
+    if source.stage == "segment":
+        from mcis_cli.stages.segment import load_segmenter
+
+        model, meta = load_segmenter(source.fetch(CHECKPOINT))
+        if list(meta.get("class_names", names)) != names:
+            raise McisError(f"run {source.run_id} was trained on classes {meta['class_names']} but "
+                            f"{cfg.data.root} has {names}; evaluate it on its own dataset")
+        return model, meta
+    artifact, suffix = ("pseudo", ".png") if source.stage == "pseudolabel" else ("maps", ".npz")
+    folder = source.fetch(artifact)
+    _require((folder / f"{s.id}{suffix}" for s in samples), f"{artifact} file in run {source.run_id}",
+             f"score the split it covered (--split {cfg.data.train_list})")
+    return (folder,)
+
+
+def run(cfg: Config, from_run: str | None = None, split: str | None = None,
+        parent: str | None = None) -> StageResult:
+    """Score the given run (default: the latest finished segment run) on `split` (default: the
+    val list for a model, the train list for maps and pseudo masks)."""
+    source = _source(cfg, from_run)
+    stage, root = source.stage, cfg.data.root
+    split = split or (cfg.data.val_list if stage == "segment" else cfg.data.train_list)
+    names = ["background", *voc.class_names(root)]
+    samples = voc.split_samples(root, split)
+    if not samples:
+        raise McisError(f"split {split!r} of {root} lists no images")
+    _require((voc.mask_path(root, s.id) for s in samples), "ground-truth mask",
+             f"evaluation needs {voc.MASKS}/ for every image of split {split!r}")
+
+    inputs = _inputs(cfg, source, samples, names)  # before the run opens: no failed run for bad input
+    crf = cfg.evaluate.crf and stage == "segment"
+    scorer = {"segment": _score_segment, "pseudolabel": _score_pseudo, "localize": _score_maps}[stage]
+
+    with tracking.stage_run(cfg, "evaluate", source_run=source.run_id, parent=parent) as tracker:
+        tracker.set_tags({"mcis.scored_stage": stage, "mcis.split": split, "mcis.crf": str(crf).lower()})
+        out = tracking.workdir(cfg, tracker.run_id)
+        masks_dir = out / "masks" if cfg.evaluate.save_masks else None
+        shown = overlay_ids(samples, cfg.evaluate.overlays)
+        scored = scorer(cfg, *inputs, samples, names, shown, masks_dir)
+
+        result = metrics.scores(scored.cm, names)
+        summary = {k: result[k] for k in ("miou", "pixel_acc", "mean_acc", "fw_iou")} | scored.headline
+        if stage == "segment" and source.tags.get(LABELS_TAG) != "gt":
+            ceiling = ceiling_miou(cfg, split, crf)
+            if ceiling is not None and ceiling > 0:
+                summary |= {"ceiling_miou": ceiling, "ceiling_fraction": result["miou"] / ceiling}
+        tracker.log_metrics(metrics.mlflow_metrics(result) | summary | scored.extra)
+        for threshold, miou in scored.curve:
+            tracker.log_metrics({"sweep/miou": miou}, step=round(threshold * 100))
+
+        title = f"{stage} run {source.run_id} on {split}" + (" + CRF" if crf else "")
+        _write_confusion_csv(out / "confusion.csv", scored.cm, names)
+        tracker.log_artifact(out / "confusion.csv")
+        tracker.log_dict(_json_safe(result), "scores.json")
+        tracker.log_figure(plots.confusion_figure(scored.cm, names), "plots/confusion.png")
+        tracker.log_figure(plots.iou_figure(result["iou"], result["miou"]), "plots/iou.png")
+        if scored.curve:
+            thresholds, mious = zip(*scored.curve, strict=True)
+            tracker.log_figure(plots.sweep_figure(thresholds, mious, summary["best_threshold"]),
+                               "plots/sweep.png")
+        if scored.overlays:
+            tracker.log_image(plots.overlay_grid(scored.overlays), "plots/overlays")
+        on_voc = stage == "segment" and tuple(names[1:]) == voc.VOC_CLASSES
+        report = out / "results.md"
+        with runtime.atomic_path(report) as tmp:
+            tmp.write_text(results_markdown(title, scored.note, summary, result, scored.curve, on_voc))
+        tracker.log_artifact(report)
+        outputs = {"results": str(report)}
+        if masks_dir is not None:
+            tracker.log_artifacts(masks_dir, "masks")
+            outputs["masks"] = str(masks_dir)
+        _print_table(title, summary, result)
+        return StageResult(tracker.run_id, summary, outputs)

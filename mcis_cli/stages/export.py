@@ -1,0 +1,226 @@
+"""`mcis export`: the trained segmenter as one self-contained ONNX file, verified and registered.
+
+The graph keeps batch, height and width dynamic, and its metadata carries the class names and
+the normalisation, so `mcis predict` (or any ONNX consumer) needs nothing else. The file is
+checked before it takes its final name: the ONNX checker, then ONNX Runtime against PyTorch at
+`export.parity_sizes`; beyond `export.tolerance` the stage fails and leaves no model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from torch.export import Dim
+
+from mcis_cli import __version__, metrics, tracking
+from mcis_cli.config import Config
+from mcis_cli.data import transforms, voc
+from mcis_cli.errors import McisError
+from mcis_cli.progress import console
+from mcis_cli.stages import StageResult, segment
+from mcis_cli.stages.predict import JSON_KEYS, infer, open_session, preprocess, read_metadata
+
+CALIBRATION_IMAGES = 16  # training images that set the int8 activation ranges (static mode)
+
+
+def to_onnx(model: nn.Module, opset: int, metadata: dict[str, str]) -> torch.onnx.ONNXProgram:
+    """Export with the dynamo exporter (TorchScript export is deprecated); traced at batch 2 and an
+    odd size so that no dimension is specialised."""
+    example = torch.randn(2, 3, 67, 83)
+    try:
+        program = torch.onnx.export(
+            model.eval(), (example,), input_names=["input"], output_names=["logits"],
+            dynamic_shapes=({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},),
+            opset_version=opset, dynamo=True, verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - torch.export and onnxscript raise many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        hint = "" if opset == 18 else " (try export.opset=18, the exporter's own opset)"
+        raise McisError(f"ONNX export failed at opset {opset}: {first}{hint}") from None
+    program.model.metadata_props.update(metadata)
+    return program
+
+
+def model_metadata(meta: dict, source_run: str, opset: int) -> dict[str, str]:
+    """What a consumer needs besides the graph, as metadata_props strings."""
+    fields = {
+        "class_names": meta["class_names"], "num_classes": meta["num_classes"],
+        "mean": meta["mean"], "std": meta["std"],
+        "color_order": "RGB", "value_range": "0-1 then (x-mean)/std", "layout": "NCHW",
+        "output": "logits (N, num_classes, H, W) at input size; argmax = class index",
+        "arch": meta["arch"], "source_run": source_run, "opset": opset, "mcis_version": __version__,
+    }
+    return {k: json.dumps(v) if k in JSON_KEYS else str(v) for k, v in fields.items()}
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """Yield a path in a temporary folder beside `target`; on success move everything written
+    there into place, the .onnx last, so a kill never leaves a torn file under the final name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield folder / target.name
+        files = sorted(folder.iterdir(), key=lambda p: p.name == target.name)  # weights first
+        for path in files:
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        for path in files:
+            os.replace(path, target.parent / path.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@torch.no_grad()
+def parity(model: nn.Module, session, sizes: list[list[int]], seed: int = 0) -> dict:
+    """ONNX Runtime vs PyTorch logits on random inputs of each (N, H, W), and their speed ratio
+    over all sizes after one warm-up call each (`speed/ort_over_torch` > 1: ORT is faster)."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(n, 3, h, w, generator=generator) for n, h, w in sizes]
+    model(inputs[0])
+    session.run(None, {"input": inputs[0].numpy()})
+    report = {"parity/max_abs_diff": 0.0, "parity/argmax_agree": 1.0, "sizes": {}}
+    seconds = {"torch": 0.0, "ort": 0.0}
+    for (n, h, w), x in zip(sizes, inputs, strict=True):
+        start = time.perf_counter()
+        expected = model(x).numpy()
+        middle = time.perf_counter()
+        got = session.run(None, {"input": x.numpy()})[0]
+        seconds["torch"] += middle - start
+        seconds["ort"] += time.perf_counter() - middle
+        diff = float(np.abs(got - expected).max())
+        agree = float((got.argmax(1) == expected.argmax(1)).mean())
+        report["sizes"][f"{n}x{h}x{w}"] = {"max_abs_diff": diff, "argmax_agree": agree}
+        report["parity/max_abs_diff"] = max(report["parity/max_abs_diff"], diff)
+        report["parity/argmax_agree"] = min(report["parity/argmax_agree"], agree)
+    report["speed/ort_over_torch"] = seconds["torch"] / max(seconds["ort"], 1e-9)
+    return report
+
+
+def source_miou(cfg: Config, source: tracking.SourceRun) -> tuple[float, str] | None:
+    """mIoU of the segment run: its latest evaluate run's, else its own `val/miou`."""
+    evaluated = tracking.find_runs(cfg, "evaluate", **{tracking.SOURCE_TAG: source.run_id})
+    for run in evaluated:
+        if "miou" in run.metrics:
+            return run.metrics["miou"], f"evaluate run {run.run_id}"
+    if "val/miou" in source.metrics:
+        return source.metrics["val/miou"], f"segment run {source.run_id} val/miou"
+    return None
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over a few training images, one per batch."""
+
+    def __init__(self, images: list[Path], meta: dict):
+        self.batches = (preprocess(transforms.load_image(path)[None], meta) for path in images)
+
+    def get_next(self) -> dict | None:
+        x = next(self.batches, None)
+        return None if x is None else {"input": x}
+
+
+def quantize(fp32: Path, meta: dict, calibration: list[Path]) -> Path:
+    """int8 copy of the model beside it: static (QDQ, activation ranges calibrated on the given
+    images) or, with no images, dynamic (weights only)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
+
+    target = fp32.with_name(f"{fp32.name.removesuffix('.onnx')}.int8.onnx")
+    with staged(target) as tmp:
+        if calibration:
+            quantize_static(fp32, tmp, _Calibration(calibration, meta), per_channel=True)
+        else:
+            quantize_dynamic(fp32, tmp, weight_type=QuantType.QInt8)
+        open_session(tmp, "cpu")  # the checker and a session must accept it
+    return target
+
+
+def val_miou(cfg: Config, models: dict[str, Path], meta: dict) -> dict[str, float]:
+    """Single-scale, no-CRF val mIoU of each ONNX file; empty when val has no masks."""
+    root = cfg.data.root
+    try:
+        samples = [s for s in voc.split_samples(root, cfg.data.val_list) if voc.mask_path(root, s.id).is_file()]
+    except McisError:
+        return {}
+    if not samples:
+        return {}
+    k = len(meta["class_names"])
+    result = {}
+    for name, path in models.items():
+        session, _ = open_session(path, "cpu")
+        cm = np.zeros((k, k), np.int64)
+        for sample in samples:
+            pred = infer(session, transforms.load_image(sample.image)[None], meta)[0]
+            cm += metrics.confusion_matrix(pred, voc.load_mask(root, sample.id), k)
+        result[f"quant/miou_{name}"] = metrics.scores(cm, meta["class_names"])["miou"]
+    return result
+
+
+def _describe(path: Path) -> str:
+    """What an existing file at the output path is, for the 'replaced' message."""
+    try:
+        return f"the export of segment run {read_metadata(path).get('source_run', '?')}"
+    except McisError:
+        return "a file that is not an mcis model"
+
+
+def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
+        parent: str | None = None) -> StageResult:
+    """Export the segment run's model, verify it, log it and register it in MLflow."""
+    ex = cfg.export
+    source = tracking.resolve_run(cfg, "segment", from_run)
+    model, meta = segment.load_segmenter(source.fetch(segment.MODEL))
+    calibration = [s.image for s in voc.train_samples(cfg.data)[:CALIBRATION_IMAGES]] \
+        if ex.quantize == "static" else []
+    with tracking.stage_run(cfg, "export", source_run=source.run_id, parent=parent) as tracker:
+        target = Path(out) if out else tracking.workdir(cfg, tracker.run_id) / "model.onnx"
+        program = to_onnx(model, ex.opset, model_metadata(meta, source.run_id, ex.opset))
+        previous = _describe(target) if target.exists() else None
+        with staged(target) as tmp:
+            program.save(tmp, external_data=False)  # external data only beyond protobuf's 2 GB
+            session, _ = open_session(tmp, "cpu")
+            report = parity(model, session, ex.parity_sizes)
+            scores = {k: v for k, v in report.items() if k != "sizes"}
+            tracker.log_metrics(scores)
+            tracker.log_dict(report, "parity.json")
+            if scores["parity/max_abs_diff"] > ex.tolerance:
+                raise McisError(
+                    f"ONNX Runtime and PyTorch disagree: max abs logit difference "
+                    f"{scores['parity/max_abs_diff']:.3g} > export.tolerance {ex.tolerance:g} "
+                    f"(per size: {report['sizes']}); no model written"
+                )
+        if previous:
+            console.print(f"export: replaced {target}, which held {previous}")
+        tracker.log_artifact(target, "onnx")
+        outputs = {"onnx": str(target)}
+        if ex.quantize != "none":
+            int8 = quantize(target, meta, calibration)
+            tracker.log_artifact(int8, "onnx")
+            outputs["int8"] = str(int8)
+            quant = val_miou(cfg, {"fp32": target, "int8": int8}, meta)
+            quant["quant/size_ratio"] = int8.stat().st_size / target.stat().st_size
+            tracker.log_metrics(quant)
+            scores.update(quant)
+        if ex.register_model:
+            example = np.random.default_rng(0).standard_normal((1, 3, 64, 64), dtype=np.float32)
+            info = tracker.log_onnx_model(onnx.load(target), "model", example, ex.model_name)
+            version = str(info.registered_model_version)
+            tags = {tracking.SOURCE_TAG: source.run_id, "parity/max_abs_diff": scores["parity/max_abs_diff"]}
+            found = source_miou(cfg, source)
+            if found:
+                tags["miou"], tags["miou_from"] = found
+            for key, value in tags.items():
+                tracker.set_model_version_tag(ex.model_name, version, key, value)
+            outputs["registered"] = f"models:/{ex.model_name}/{version}"
+    return StageResult(tracker.run_id, scores, outputs)
+

@@ -1,0 +1,444 @@
+"""`mcis localize`: a localization map per ground-truth class of every training image (§2.8).
+
+Method `mcis`: for each class c of an image X, the co-attention map of X is averaged over
+`partners` related images holding c; three self-pairs (X with its flip, its 0.75x and its 2x view)
+add four more maps, and `fuse` combines them as the official test.py does. For the ablation,
+`self_pairs: false` keeps the cross-image map alone and `partners: 0` the four self-pair maps; the
+fusion divides by the number of maps it was given (5 in the official setting), so a map that every
+candidate supports still peaks at 1. Method `cam`: the plain CAM head of the same checkpoint.
+
+The backbone + extra convs are the expensive part, and with 3 partners per class an image takes
+part in many pairs, so each image's features are computed once and kept in an LRU cache while the
+cheap pair heads run on batches of pairs. `naive=True` recomputes the features for every pair as the
+official code does; it exists to prove the maps identical and for the benchmark.
+
+Partners are drawn from a generator seeded by (seed, image index): the same run gives the same
+maps, and a killed run, started again, writes only the files still missing (every file is written
+atomically, so a file under its final name is complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mcis_cli import metrics, runtime, tracking
+from mcis_cli.config import Config
+from mcis_cli.data import transforms, voc
+from mcis_cli.data.pairs import PairSampler
+from mcis_cli.errors import McisError
+from mcis_cli.models.mcis import MCISNet
+from mcis_cli.progress import work_progress
+from mcis_cli.stages import StageResult
+
+CHECKPOINT = "checkpoints/model.pt"
+VIEW_SCALES = (0.75, 2.0)  # the resized self-pair views of the official test.py
+RESUME_TAG = "mcis.localize_key"
+OVERLAYS = 8
+
+
+# ---- the fusion rule (§2.8 step 3) -----------------------------------------------------------
+def fuse(maps: torch.Tensor, scores: torch.Tensor, gate: float) -> torch.Tensor:
+    """Fuse M candidate maps per class: (M, n, h, w) raw maps, (M, n) their mean scores -> (n, h, w).
+
+    Each map is normalised by the max of its ReLU; the first is always used, a later one only if
+    sigmoid(its mean score) > gate; the sum is divided by M whatever was skipped (as the official
+    code divides by 5), so a class that only the first map supports stays dim.
+    """
+    relu = maps.clamp(min=0)
+    norm = relu / (relu.amax(dim=(-2, -1), keepdim=True) + 1e-8)
+    keep = torch.sigmoid(scores) > gate
+    keep[0] = True
+    return (norm * keep[..., None, None]).sum(0) / maps.shape[0]
+
+
+def cam_maps(cams: torch.Tensor) -> torch.Tensor:
+    """Plain CAM maps (n, h, w) from class activations: ReLU, then each class divided by its max."""
+    relu = cams.clamp(min=0)
+    return relu / (relu.amax(dim=(-2, -1), keepdim=True) + 1e-8)
+
+
+def to_image_size(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(n, h, w) maps in [0, 1] -> float32 (n, H, W), bicubic like the official cv2 resize, clipped."""
+    if maps.shape[0] == 0:
+        return np.zeros((0, *size), np.float32)
+    out = F.interpolate(maps[None].float(), size=size, mode="bicubic", align_corners=False)[0]
+    return out.clamp_(0, 1).cpu().numpy()
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    index: int
+    sample: voc.Sample
+    partners: tuple[tuple[int, ...], ...]  # related image indices, one tuple per class in labels
+
+
+def plan(samples: Sequence[voc.Sample], partners: int, seed: int) -> list[Item]:
+    """Partner draws for every image: with replacement among the images holding each class
+    (possibly the image itself, as the official code), from a generator seeded by (seed, index)."""
+    sampler = PairSampler([s.labels for s in samples], seed)
+    items = []
+    for index, sample in enumerate(samples):
+        rng = random.Random(f"localize:{seed}:{index}")
+        draws = tuple(tuple(sampler.related(c, partners, rng)) if partners else () for c in sample.labels)
+        items.append(Item(index, sample, draws))
+    return items
+
+
+def view(image: np.ndarray, size: int) -> torch.Tensor:
+    """The classifier's input: the image squashed to size x size, normalised (official Resize)."""
+    return transforms.to_tensor(transforms.resize(image, (size, size)))
+
+
+def self_views(image: np.ndarray, size: int) -> list[torch.Tensor]:
+    """The partner views of the self-pairs: flip, 0.75x and 2x of the square input."""
+    flip = view(image, size).flip(-1)
+    return [flip] + [view(image, round(size * s)) for s in VIEW_SCALES]
+
+
+# ---- the pair heads, shared by the cached and the naive paths ----------------------------------
+def self_pair_maps(model: MCISNet, f: torch.Tensor, views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Maps of the self-pairs on features f (B, C, h, w) and the features of the flip / 0.75x / 2x
+    views: (4, B, K, h, w) in fusion order [flip Q1, flip-back Q2, 0.75x Q2, 2x Q2], the resized
+    views' maps brought to f's grid (bicubic, as the official code)."""
+    h, w = f.shape[-2:]
+    g1, g2 = model.coattend(f, views[0])
+    maps = [model.coatt_maps(g1), model.coatt_maps(g2).flip(-1)]
+    for fv in views[1:]:
+        q = model.coatt_maps(model.coattend(f, fv)[1])
+        maps.append(F.interpolate(q, size=(h, w), mode="bicubic", align_corners=False))
+    return torch.stack(maps)
+
+
+def cross_maps(model: MCISNet, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    """Co-attention maps Q1 (B, K, h, w) of the first images of a batch of pairs."""
+    return model.coatt_maps(model.coattend(f1, f2)[0])
+
+
+def candidates(items: Sequence[Item], self_maps: torch.Tensor | None, cross: Sequence[torch.Tensor],
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per item, the fusion inputs for its classes: (M, n, h, w) maps and their (M, n) mean scores
+    (the GAP scores that the gate of §2.8 tests).
+
+    `self_maps` is (4, B, K, h, w) or None; `cross[k]` is item k's (n, h, w) partner-averaged maps,
+    or None without partners. The cross-image map comes last, as in §2.8.
+    """
+    out = []
+    for k, item in enumerate(items):
+        maps = [] if self_maps is None else list(self_maps[:, k, list(item.sample.labels)])
+        if cross[k] is not None:
+            maps.append(cross[k])
+        stack = torch.stack(maps) if maps else None  # None: an image without labels or pairs
+        out.append((stack, None if stack is None else stack.mean((-2, -1))))
+    return out
+
+
+# ---- the feature cache and the two computation paths ----------------------------------------
+class FeatureCache:
+    """Backbone features of training images at the classifier size, LRU-bounded in bytes."""
+
+    def __init__(self, model: MCISNet, samples: Sequence[voc.Sample], size: int,
+                 device: torch.device, budget_mb: int, batch_size: int):
+        self.model, self.samples, self.size, self.device = model, samples, size, device
+        self.budget = budget_mb * 2**20
+        self.batch_size = batch_size
+        self.store: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        found: dict[int, torch.Tensor] = {}
+        for i in dict.fromkeys(indices):
+            if i in self.store:
+                self.store.move_to_end(i)
+                found[i] = self.store[i]
+        missing = [i for i in dict.fromkeys(indices) if i not in found]
+        self.hits += len(indices) - len(missing)
+        self.misses += len(missing)
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            x = torch.stack([view(transforms.load_image(self.samples[i].image), self.size) for i in chunk])
+            for i, f in zip(chunk, self.model.features(x.to(self.device)), strict=True):
+                found[i] = f.clone()
+                self._put(i, found[i])
+        return [found[i] for i in indices]
+
+    def _put(self, index: int, feature: torch.Tensor) -> None:
+        size = feature.numel() * feature.element_size()
+        if size > self.budget:
+            return
+        self.store[index] = feature
+        self.bytes += size
+        while self.bytes > self.budget:
+            _, old = self.store.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def _batched_features(model: MCISNet, tensors: Sequence[torch.Tensor], device, batch_size: int) -> torch.Tensor:
+    return torch.cat([
+        model.features(torch.stack(tensors[s : s + batch_size]).to(device))
+        for s in range(0, len(tensors), batch_size)
+    ])
+
+
+def cached_candidates(model: MCISNet, items: Sequence[Item], images: Sequence[np.ndarray],
+                      cache: FeatureCache, self_pairs: bool, batch_size: int):
+    """Fusion inputs for a chunk of items: features from the cache, pair heads in batches."""
+    device = cache.device
+    f = torch.stack(cache.get([item.index for item in items]))
+    self_maps = None
+    if self_pairs:
+        views = list(zip(*(self_views(image, cache.size) for image in images), strict=True))
+        fv = [_batched_features(model, list(v), device, batch_size) for v in views]
+        self_maps = torch.cat([
+            self_pair_maps(model, f[s : s + batch_size], [v[s : s + batch_size] for v in fv])
+            for s in range(0, len(items), batch_size)
+        ], dim=1)
+    pairs = [(k, ci, j) for k, item in enumerate(items)
+             for ci, js in enumerate(item.partners) for j in js]
+    partner_f = cache.get([j for _, _, j in pairs])
+    found: list[list[list[torch.Tensor]]] = [[[] for _ in item.partners] for item in items]
+    for s in range(0, len(pairs), batch_size):
+        batch = pairs[s : s + batch_size]
+        q = cross_maps(model, f[[k for k, _, _ in batch]], torch.stack(partner_f[s : s + batch_size]))
+        for row, (k, ci, _) in enumerate(batch):
+            found[k][ci].append(q[row, items[k].sample.labels[ci]])
+    return candidates(items, self_maps, [_average(per_class) for per_class in found])
+
+
+def _average(per_class: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor | None:
+    """Partner maps of one image, a list per class -> (n, h, w) class-wise means; None if none."""
+    if not any(per_class):
+        return None
+    return torch.stack([torch.stack(list(maps)).mean(0) for maps in per_class])
+
+
+def naive_candidates(model: MCISNet, item: Item, image: np.ndarray, samples: Sequence[voc.Sample],
+                     size: int, self_pairs: bool, device: torch.device):
+    """The official way: every pair runs the whole network on both images, one pair at a time."""
+    x = view(image, size)[None].to(device)
+    self_maps = None
+    if self_pairs:
+        views = [model.features(v[None].to(device)) for v in self_views(image, size)]
+        self_maps = self_pair_maps(model, model.features(x), views)
+    found = [[cross_maps(model, model.features(x), model.features(
+                 view(transforms.load_image(samples[j].image), size)[None].to(device)))[0, c]
+              for j in js] for c, js in zip(item.sample.labels, item.partners, strict=True)]
+    return candidates([item], self_maps, [_average(found)])[0]
+
+
+@torch.inference_mode()
+def compute_maps(model: MCISNet, items: Sequence[Item], samples: Sequence[voc.Sample], size: int,
+                 *, method: str = "mcis", self_pairs: bool = True, gate: float = 0.1,
+                 batch_size: int = 8, cache: FeatureCache | None = None, naive: bool = False,
+                 device: torch.device | None = None):
+    """Yield (item, float32 maps (n, H, W) in [0, 1]) for each item, chunk by chunk."""
+    device = device or torch.device("cpu")
+    if cache is None and not naive:
+        cache = FeatureCache(model, samples, size, device, 0, batch_size)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        images = [transforms.load_image(item.sample.image) for item in chunk]
+        if method == "cam":
+            f = torch.stack(cache.get([item.index for item in chunk])) if cache else torch.cat(
+                [model.features(view(image, size)[None].to(device)) for image in images])
+            cams = F.conv2d(f, model.cam_head.weight)  # CAM as Zhou et al. 2016: no bias
+            fused = [cam_maps(c[list(item.sample.labels)]) for c, item in zip(cams, chunk, strict=True)]
+        else:
+            if naive:
+                inputs = [naive_candidates(model, item, image, samples, size, self_pairs, device)
+                          for item, image in zip(chunk, images, strict=True)]
+            else:
+                inputs = cached_candidates(model, chunk, images, cache, self_pairs, batch_size)
+            fused = [torch.zeros(0, 1, 1) if maps is None else fuse(maps, scores, gate)
+                     for maps, scores in inputs]
+        for item, image, maps in zip(chunk, images, fused, strict=True):
+            yield item, to_image_size(maps, image.shape[:2])
+
+
+# ---- files -----------------------------------------------------------------------------------
+def save_maps(path: Path, maps: np.ndarray, classes: Sequence[int]) -> None:
+    """maps/<id>.npz with `maps` float16 (n, H, W) and `classes` (0-based), written atomically."""
+    with runtime.atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, maps=maps.astype(np.float16), classes=np.asarray(classes, np.int64))
+
+
+def load_maps(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as data:
+        return data["maps"], data["classes"]
+
+
+def save_previews(folder: Path, image_id: str, maps: np.ndarray, classes: Sequence[int]) -> None:
+    """The official format: one uint8 PNG per class, `<id>_<c>.png`."""
+    from PIL import Image
+
+    for plane, c in zip(maps, classes, strict=True):
+        with runtime.atomic_path(folder / f"{image_id}_{c}.png") as tmp:
+            Image.fromarray(np.uint8(np.round(plane.astype(np.float32) * 255))).save(tmp, format="PNG")
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The image blended with a jet colouring of a [0, 1] map."""
+    from matplotlib import colormaps
+
+    colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
+    return np.uint8(0.5 * image + 0.5 * colour)
+
+
+def overlay_grid(rows: Sequence[Sequence[np.ndarray]], size: int = 96) -> np.ndarray:
+    """Rows of same-count RGB panels, each resized to size x size, tiled into one image."""
+    return np.concatenate([
+        np.concatenate([transforms.resize(p, (size, size)) for p in row], axis=1) for row in rows
+    ], axis=0)
+
+
+# ---- quality (evaluation only: reads ground-truth masks into a separate report) ---------------
+def maps_quality(samples: Sequence[voc.Sample], maps_dir: Path, root: str,
+                 class_names: Sequence[str], thresholds: Sequence[float]) -> dict | None:
+    """mIoU of argmax over [background threshold, maps] for each threshold, on the images that
+    have a ground-truth mask. None when no image has one."""
+    names = ["background", *class_names]
+    total = None
+    for sample in samples:
+        if not voc.mask_path(root, sample.id).is_file():
+            continue
+        maps, classes = load_maps(maps_dir / f"{sample.id}.npz")
+        cms = metrics.threshold_sweep(maps, classes, voc.load_mask(root, sample.id),
+                                      thresholds, len(names))
+        total = cms if total is None else total + cms
+    if total is None:
+        return None
+    curve = [metrics.scores(cm, names) for cm in total]
+    best = int(np.argmax([s["miou"] for s in curve]))
+    return {"curve": curve, "best": best, "threshold": thresholds[best], "cm": total[best]}
+
+
+# ---- the stage -------------------------------------------------------------------------------
+def load_model(source: tracking.SourceRun, device: torch.device) -> tuple[MCISNet, dict]:
+    ckpt = runtime.load_checkpoint(source.fetch(CHECKPOINT))
+    model = MCISNet(int(ckpt["num_classes"]), float(ckpt["width"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    meta.setdefault("input_size", source.config().classify.input_size)
+    return model, meta
+
+
+def _key(cfg: Config, source_id: str) -> str:
+    """What makes two localize runs produce the same files: the input run and this config."""
+    text = "|".join([source_id, cfg.data.model_dump_json(), cfg.localize.model_dump_json(), str(cfg.seed)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _interrupted(cfg: Config, key: str) -> str | None:
+    """An unfinished localize run with the same key, whose files a new start can complete."""
+    mlc = tracking.client(cfg)
+    experiment = mlc.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
+    if experiment is None:
+        return None
+    runs = mlc.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{tracking.STAGE_TAG}` = 'localize' and tags.`{RESUME_TAG}` = '{key}' "
+        "and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _check(cfg: Config, meta: dict | None = None, names: Sequence[str] = ()) -> None:
+    """Refuse configurations that cannot give maps: before (config only) and after loading."""
+    lc = cfg.localize
+    if lc.method == "mcis" and lc.partners == 0 and not lc.self_pairs:
+        raise McisError("localize.partners=0 with localize.self_pairs=false leaves no pair to "
+                        "localize with; set one of them")
+    if meta is None:
+        return
+    if lc.method == "mcis" and meta.get("method") == "cam":
+        raise McisError("the classify run was trained with method cam, so its co-attention head is "
+                        "untrained; use --set localize.method=cam or a classify run with method mcis")
+    if int(meta["num_classes"]) != len(names):
+        raise McisError(f"the checkpoint has {meta['num_classes']} classes but {cfg.data.root} has "
+                        f"{len(names)}; localize with the dataset the classifier was trained on")
+
+
+def run(cfg: Config, from_run: str | None = None, parent: str | None = None) -> StageResult:
+    _check(cfg)
+    runtime.seed_everything(cfg.seed)
+    device = runtime.select_device(cfg.device)
+    source = tracking.resolve_run(cfg, "classify", from_run)
+    model, meta = load_model(source, device)
+    names = voc.class_names(cfg.data.root)
+    _check(cfg, meta, names)
+    samples = voc.train_samples(cfg.data)
+    size = int(meta["input_size"])
+    lcfg = cfg.localize
+    key = _key(cfg, source.run_id)
+    resume = _interrupted(cfg, key)
+
+    with ExitStack() as stack:
+        if resume:  # lock first: a run that another process is still writing is never reopened
+            stack.enter_context(runtime.exclusive(tracking.workdir(cfg, resume), "localize run"))
+        tracker = stack.enter_context(
+            tracking.stage_run(cfg, "localize", source_run=source.run_id, parent=parent, resume=resume))
+        out = tracking.workdir(cfg, tracker.run_id)
+        if not resume:
+            stack.enter_context(runtime.exclusive(out, "localize run"))
+        tracker.set_tags({RESUME_TAG: key})
+        maps_dir, previews_dir = out / "maps", out / "maps_png"
+        items = plan(samples, lcfg.partners if lcfg.method == "mcis" else 0, cfg.seed)
+        todo = [item for item in items if not (maps_dir / f"{item.sample.id}.npz").is_file()]
+        cache = FeatureCache(model, samples, size, device, lcfg.cache_mb, lcfg.batch_size)
+        planes = empty = 0
+        with work_progress() as progress:
+            task = progress.add_task("localize", total=len(items), completed=len(items) - len(todo))
+            for item, maps in compute_maps(model, todo, samples, size, method=lcfg.method,
+                                           self_pairs=lcfg.self_pairs, gate=lcfg.gate,
+                                           batch_size=lcfg.batch_size, cache=cache, device=device):
+                save_maps(maps_dir / f"{item.sample.id}.npz", maps, item.sample.labels)
+                if lcfg.previews:
+                    save_previews(previews_dir, item.sample.id, maps, item.sample.labels)
+                planes += len(maps)
+                empty += int((maps.reshape(len(maps), -1).max(1) <= 0).sum())
+                progress.advance(task)
+            if planes and empty / planes > 0.5:  # issue #17 of the official repo: "maps all black"
+                progress.console.print(
+                    f"[yellow]warning:[/] {empty} of {planes} maps are empty: the classifier gives no "
+                    "positive evidence for the image's own classes; train classify longer")
+
+        result = {"maps/images": float(len(items)), "maps/computed": float(len(todo))}
+        if planes:
+            result["maps/empty_frac"] = empty / planes  # of the maps computed by this start
+        if cache.hits + cache.misses:
+            result["maps/cache_hit_rate"] = cache.hits / (cache.hits + cache.misses)
+        thresholds = cfg.evaluate.bg_sweep  # the same sweep as `mcis evaluate` on maps
+        quality = maps_quality(samples, maps_dir, cfg.data.root, names, thresholds)
+        if quality is not None:
+            for step, (t, s) in enumerate(zip(thresholds, quality["curve"], strict=True)):
+                tracker.log_metrics({"maps/sweep_miou": s["miou"], "maps/sweep_threshold": t}, step=step)
+            best = quality["curve"][quality["best"]]
+            result.update(metrics.mlflow_metrics(best, prefix="maps/"))
+            result["maps/best_threshold"] = quality["threshold"]
+        tracker.log_metrics(result)
+        tracker.log_artifacts(maps_dir, "maps")
+        if lcfg.previews:
+            tracker.log_artifacts(previews_dir, "maps_png")
+        rows = []
+        for item in items[:OVERLAYS]:
+            image = transforms.load_image(item.sample.image)
+            maps, _ = load_maps(maps_dir / f"{item.sample.id}.npz")
+            heat = maps.astype(np.float32).max(0) if len(maps) else np.zeros(image.shape[:2], np.float32)
+            rows.append([image, heat_overlay(image, heat)])
+        if rows:
+            tracker.log_image(overlay_grid(rows), "maps_overlays")
+    headline = {k: result[k] for k in ("maps/miou", "maps/best_threshold") if k in result}
+    return StageResult(tracker.run_id, headline or result, {"maps": str(maps_dir)})

@@ -1,0 +1,269 @@
+"""`mcis pseudolabel`: pseudo masks from the localization maps and a background cue (§3).
+
+Background "saliency" is the official gen_gt.py: the background score is 1 - saliency, the class
+scores are the min-max normalised maps, and uncertain pixels become 255 (ignored by the segmentation
+loss). Each rule is one small function below, in the order gen_gt.py applies them. Background "cam"
+needs no saliency: the background score is (1 - max map) ** power and a class needs its map above a
+threshold, as PSA / IRN build their seeds.
+
+Ground-truth masks, where the dataset has them, are read only for the separately named quality
+report (`pseudo/*`, `saliency/*` metrics); the masks written never depend on them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mcis_cli import metrics, saliency, tracking
+from mcis_cli.config import Config, PseudolabelCfg
+from mcis_cli.data import transforms, voc
+from mcis_cli.errors import McisError
+from mcis_cli.progress import work_progress
+from mcis_cli.stages import StageResult
+from mcis_cli.stages.localize import heat_overlay, load_maps, overlay_grid
+
+IGNORE = 255
+OVERLAYS = 8
+
+
+# ---- the rules of gen_gt.py (§3), each on a whole image ----------------------------------------
+def normalise(maps: np.ndarray) -> np.ndarray:
+    """Min-max normalise each class map to [0, 1] (step 1); a flat map becomes 0."""
+    maps = maps.astype(np.float32)
+    low = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - low
+    return np.where(span > 1e-12, (maps - low) / np.maximum(span, 1e-12), 0).astype(np.float32)
+
+
+def saliency_planes(maps: np.ndarray, sal: np.ndarray) -> np.ndarray:
+    """Score planes (1 + n, H, W): background 1 - saliency, then the normalised class maps (step 1)."""
+    return np.concatenate([(1 - sal)[None], maps]).astype(np.float32)
+
+
+def saliency_attention(sal: np.ndarray, maps: np.ndarray, att_thr: float) -> np.ndarray:
+    """`sal_att`: saliency raised to 1 wherever some class map exceeds att_thr (step 2)."""
+    if len(maps) == 0:
+        return sal
+    return np.maximum(sal, (maps > att_thr).any(0).astype(np.float32))
+
+
+def suppress(planes: np.ndarray, fg_thr: float) -> np.ndarray:
+    """Scores below fg_thr become 0, background plane included (step 3)."""
+    return np.where(planes < fg_thr, 0, planes).astype(np.float32)
+
+
+def conflicts(planes: np.ndarray, conflict: float) -> np.ndarray:
+    """Pixels where more than one plane exceeds `conflict` (step 4): too ambiguous to label."""
+    return (planes > conflict).sum(0) > 1
+
+
+def assign(planes: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Argmax over [background, classes] -> 0 or class id + 1; an all-zero pixel is background (step 5)."""
+    ids = np.concatenate([[0], np.asarray(classes, np.int64) + 1])
+    return ids[planes.argmax(0)].astype(np.uint8)
+
+
+def ignore_salient_background(labels: np.ndarray, sal_att: np.ndarray, bg_thr: float) -> np.ndarray:
+    """Background pixels that are salient (sal_att >= bg_thr, in [0, 1]) become 255 (step 6)."""
+    return np.where((labels == 0) & (sal_att >= bg_thr), IGNORE, labels).astype(np.uint8)
+
+
+def require_foreground(labels: np.ndarray, min_fg: float) -> np.ndarray:
+    """A mask with less than min_fg of its pixels in a class is wholly ignored (step 7)."""
+    fg = ((labels > 0) & (labels != IGNORE)).mean()
+    return np.full_like(labels, IGNORE) if fg < min_fg else labels
+
+
+def saliency_labels(maps: np.ndarray, classes: Sequence[int], sal: np.ndarray, p: PseudolabelCfg,
+                    fg_thr: float | None = None) -> np.ndarray:
+    """§3 steps 1-7 on one image: maps (n, H, W), saliency (H, W) in [0, 1]."""
+    maps = normalise(maps)
+    sal_att = saliency_attention(sal, maps, p.att_thr)
+    planes = suppress(saliency_planes(maps, sal), p.fg_thr if fg_thr is None else fg_thr)
+    labels = assign(planes, classes)
+    labels[conflicts(planes, p.conflict)] = IGNORE
+    labels = ignore_salient_background(labels, sal_att, p.bg_thr / 255)
+    return require_foreground(labels, p.min_fg)
+
+
+def cam_labels(maps: np.ndarray, classes: Sequence[int], p: PseudolabelCfg,
+               threshold: float | None = None) -> np.ndarray:
+    """No saliency: background (1 - max map) ** power; a class needs its map above the threshold."""
+    maps = normalise(maps)
+    threshold = p.cam_threshold if threshold is None else threshold
+    top = maps.max(0) if len(maps) else np.zeros(maps.shape[1:], np.float32)
+    planes = np.concatenate([((1 - top) ** p.cam_bg_power)[None], np.where(maps > threshold, maps, 0)])
+    return require_foreground(assign(planes, classes), p.min_fg)
+
+
+def make_labels(maps, classes, sal, p: PseudolabelCfg, threshold: float | None = None) -> np.ndarray:
+    """The configured background rule; `threshold` replaces fg_thr (saliency) or cam_threshold (cam)."""
+    if p.background == "cam":
+        return cam_labels(maps, classes, p, threshold)
+    return saliency_labels(maps, classes, sal, p, threshold)
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+def load_saliency(cfg: Config, sample: voc.Sample, image: np.ndarray) -> np.ndarray:
+    """Saliency in [0, 1] at the image size: the dataset's PNG (0..255), or computed from the image."""
+    if cfg.pseudolabel.saliency == "spectral":
+        return saliency.saliency(image)
+    path = voc.saliency_path(cfg.data.root, cfg.data.saliency_dir, sample.id)
+    if not path.is_file():
+        raise McisError(f"saliency map not found: {path} (provide data.saliency_dir maps for every "
+                        f"training image, or --set pseudolabel.saliency=spectral)")
+    sal = transforms.load_image(path).astype(np.float32).mean(axis=2) / 255  # any PNG mode
+    return transforms.resize(sal, image.shape[:2])
+
+
+@dataclass
+class Outcome:
+    """What one image contributes to the report."""
+
+    ignored: int  # pixels of the written mask marked 255
+    sweep_ignored: np.ndarray  # (T,) the same per sweep threshold
+    pixels: int
+    cm: np.ndarray | None = None  # (C, C) of the written mask, when a ground truth exists
+    sweep: np.ndarray | None = None  # (T, C, C)
+    fmeasure: float | None = None
+    mae: float | None = None
+
+
+def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num_classes: int) -> Outcome:
+    p = cfg.pseudolabel
+    path = maps_dir / f"{sample.id}.npz"
+    if not path.is_file():
+        raise McisError(f"the localize run has no map for {sample.id} ({path}); localize this dataset again")
+    maps, classes = load_maps(path)
+    maps = maps.astype(np.float32)
+    image = transforms.load_image(sample.image) if p.background == "saliency" else None
+    sal = load_saliency(cfg, sample, image) if image is not None else None
+    labels = make_labels(maps, classes, sal, p)
+    transforms.save_palette_png(out_dir / f"{sample.id}.png", labels)
+    sweep = [make_labels(maps, classes, sal, p, t) for t in p.sweep]
+    outcome = Outcome(int((labels == IGNORE).sum()),
+                      np.array([(s == IGNORE).sum() for s in sweep], np.int64), labels.size)
+    if voc.mask_path(cfg.data.root, sample.id).is_file():
+        gt = voc.load_mask(cfg.data.root, sample.id)
+        if gt.shape != labels.shape:
+            raise McisError(f"mask of {sample.id} is {gt.shape} but its image is {labels.shape}")
+        outcome.cm, *swept = [metrics.confusion_matrix(pred, gt, num_classes, ignore_pred=True)
+                              for pred in [labels, *sweep]]
+        outcome.sweep = np.stack(swept) if swept else None
+        if sal is not None:
+            valid = gt != IGNORE
+            fg = (gt > 0) & valid
+            outcome.fmeasure = saliency.fmeasure(sal, fg, valid=valid)
+            outcome.mae = saliency.mae(sal[valid], fg[valid])
+    return outcome
+
+
+# ---- reporting -------------------------------------------------------------------------------
+def _sweep_figure(thresholds: Sequence[float], mious: Sequence[float], ignore: Sequence[float], xlabel: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(thresholds, mious, "o-", label="mIoU (ignored pixels excluded)")
+    ax.plot(thresholds, ignore, "s--", label="ignored fraction")
+    ax.set_xlabel(xlabel)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _confusion_csv(cm: np.ndarray, names: Sequence[str]) -> str:
+    rows = [",".join(["truth\\pred", *names])]
+    rows += [",".join([name, *map(str, row)]) for name, row in zip(names, cm.tolist(), strict=True)]
+    return "\n".join(rows) + "\n"
+
+
+def run(cfg: Config, from_run: str | None = None, parent: str | None = None) -> StageResult:
+    p = cfg.pseudolabel
+    if p.background == "saliency" and p.saliency == "folder" and not cfg.data.saliency_dir:
+        raise McisError("pseudolabel.saliency=folder needs data.saliency_dir (a folder of <id>.png "
+                        "saliency maps); set it, or use --set pseudolabel.saliency=spectral")
+    source = tracking.resolve_run(cfg, "localize", from_run)
+    maps_dir = source.fetch("maps")
+    samples = voc.train_samples(cfg.data)
+    names = ["background", *voc.class_names(cfg.data.root)]
+
+    with tracking.stage_run(cfg, "pseudolabel", source_run=source.run_id, parent=parent) as tracker:
+        out_dir = tracking.workdir(cfg, tracker.run_id) / "pseudo"
+        total_cm = np.zeros((len(names), len(names)), np.int64)
+        sweep_cm = np.zeros((len(p.sweep), len(names), len(names)), np.int64)
+        ignored, sweep_ignored, pixels = 0, np.zeros(len(p.sweep), np.int64), 0
+        sal_scores: list[tuple[float, float]] = []
+        any_gt = False
+        workers = max(1, os.cpu_count() or 1)
+        with work_progress() as progress, ThreadPoolExecutor(workers) as pool:
+            task = progress.add_task("pseudolabel", total=len(samples))
+            jobs = pool.map(lambda s: _process(cfg, s, maps_dir, out_dir, len(names)), samples)
+            for outcome in jobs:
+                ignored += outcome.ignored
+                sweep_ignored += outcome.sweep_ignored
+                pixels += outcome.pixels
+                if outcome.cm is not None:
+                    any_gt = True
+                    total_cm += outcome.cm
+                    if outcome.sweep is not None:
+                        sweep_cm += outcome.sweep
+                if outcome.fmeasure is not None:
+                    sal_scores.append((outcome.fmeasure, outcome.mae))
+                progress.advance(task)
+
+        result = {"pseudo/images": float(len(samples)), "pseudo/ignore_frac": ignored / max(pixels, 1)}
+        if any_gt:
+            scores = metrics.scores(total_cm, names)
+            result.update(metrics.mlflow_metrics(scores, prefix="pseudo/"))
+            for name in ("precision", "recall"):  # class means; NaN (class never seen) left out
+                values = [v for v in scores[name].values() if not np.isnan(v)]
+                if values:
+                    result[f"pseudo/{name}"] = float(np.mean(values))
+            tracker.log_text(_confusion_csv(total_cm, names), "pseudo_confusion.csv")
+        if sal_scores:
+            result["saliency/fmeasure"] = float(np.mean([f for f, _ in sal_scores]))
+            result["saliency/mae"] = float(np.mean([m for _, m in sal_scores]))
+        if p.sweep:
+            ignore_curve = (sweep_ignored / max(pixels, 1)).tolist()
+            miou_curve = [metrics.scores(cm, names)["miou"] for cm in sweep_cm] if any_gt else [np.nan] * len(p.sweep)
+            for step, (t, m, ig) in enumerate(zip(p.sweep, miou_curve, ignore_curve, strict=True)):
+                point = {"sweep/threshold": t, "sweep/ignore_frac": ig}
+                if not np.isnan(m):  # NaN: no ground truth, or every pixel ignored
+                    point["sweep/miou"] = m
+                tracker.log_metrics(point, step=step)
+            xlabel = "cam_threshold" if p.background == "cam" else "fg_thr"
+            tracker.log_figure(_sweep_figure(p.sweep, miou_curve, ignore_curve, xlabel), "pseudo_sweep.png")
+        tracker.log_metrics(result)
+        tracker.log_artifacts(out_dir, "pseudo")
+        tracker.log_image(_overlays(cfg, samples[:OVERLAYS], out_dir), "pseudo_overlays")
+    headline = {k: result[k] for k in ("pseudo/miou", "pseudo/ignore_frac", "saliency/fmeasure") if k in result}
+    return StageResult(tracker.run_id, headline, {"pseudo": str(out_dir)})
+
+
+def _overlays(cfg: Config, samples: Sequence[voc.Sample], out_dir: Path) -> np.ndarray:
+    """image | background cue | pseudo mask | ground truth (when there is one), one row an image."""
+    palette = transforms.voc_palette()
+    rows = []
+    for sample in samples:
+        image = transforms.load_image(sample.image)
+        labels = transforms.read_index_png(out_dir / f"{sample.id}.png")
+        row = [image]
+        if cfg.pseudolabel.background == "saliency":
+            row.append(heat_overlay(image, load_saliency(cfg, sample, image)))
+        row.append(palette[labels])
+        if voc.mask_path(cfg.data.root, sample.id).is_file():
+            row.append(palette[voc.load_mask(cfg.data.root, sample.id)])
+        rows.append(row)
+    width = max(len(r) for r in rows)
+    return overlay_grid([r + [np.zeros_like(r[0])] * (width - len(r)) for r in rows])

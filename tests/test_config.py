@@ -1,0 +1,113 @@
+"""Config loading, overrides and every bad input of issue 3, through the real CLI."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mcis_cli.cli import app
+from mcis_cli.config import Config, load_config
+from mcis_cli.errors import McisError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_official_values_in_voc_config():
+    cfg = load_config(REPO / "configs/voc12_vgg16.yaml")
+    assert cfg.classify.lr_mult == [1.0, 2.0, 10.0, 20.0]
+    assert cfg.classify.decay_epochs == [5, 10] and cfg.classify.checkpoint_epoch == 10
+    assert (cfg.pseudolabel.att_thr, cfg.pseudolabel.fg_thr, cfg.pseudolabel.conflict) == (0.95, 0.3, 0.99)
+    assert (cfg.segment.batch_size, cfg.segment.crop, cfg.segment.iters) == (10, 321, 15000)
+    assert cfg.evaluate.crf_params.iters == 1 and cfg.evaluate.crf_params.bi_srgb == 4
+
+
+def test_set_overrides_coerce_types(tmp_path):
+    cfg = load_config(REPO / "configs/toy.yaml", [
+        "classify.lr=0.01", "evaluate.scales=[1.0]", "evaluate.crf=false",
+        "classify.loss_weights.contrast=0.5", "data.saliency_dir=sal",
+    ])
+    assert cfg.classify.lr == 0.01
+    assert cfg.evaluate.scales == [1.0] and cfg.evaluate.crf is False
+    assert cfg.classify.loss_weights.contrast == 0.5 and cfg.classify.loss_weights.cls == 1.0
+    assert cfg.data.saliency_dir == "sal"
+
+
+def test_flat_params_cover_every_leaf():
+    flat = Config().flat()
+    assert flat["classify.lr"] == 1e-3
+    assert flat["evaluate.crf_params.bi_sxy"] == 80.0
+    assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "sets", "needle"),
+    [
+        ("classify:\n  lrr: 0.1\n", [], "unknown config key 'classify.lrr'"),
+        ("name: x\n", ["classify.nope=1"], "unknown config key in --set: 'classify.nope'"),
+        ("name: x\n", ["nosection.lr=1"], "unknown config key in --set: 'nosection.lr'"),
+        ("classify:\n  epochs: many\n", [], "invalid value for 'classify.epochs'"),
+        ("name: x\n", ["classify.lr=abc"], "invalid value for 'classify.lr' in --set"),
+        ("name: x\nclassify: [1, 2\n", [], "YAML syntax error"),
+        ("name: x\n", ["classify.lr"], "--set expects key=value"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2(tmp_path, text, sets, needle):
+    path = _write(tmp_path, text)
+    args = ["config", "show", "--config", str(path)]
+    for s in sets:
+        args += ["--set", s]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_yaml_error_names_the_line(tmp_path):
+    path = _write(tmp_path, "name: x\nclassify:\n  lr: [0.1\n")
+    with pytest.raises(McisError, match=r"line \d+"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    result = runner.invoke(app, ["config", "show", "--config", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2
+    assert "config file not found" in result.output
+
+
+def test_config_show_prints_merged_yaml():
+    result = runner.invoke(app, ["config", "show", "--set", "classify.lr=0.01"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert shown["classify"]["lr"] == 0.01
+    assert shown["name"] == "toy"
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("data", "classify", "localize", "pseudolabel", "segment", "evaluate",
+                    "export", "predict", "pipeline", "ui", "config"):
+        assert command in result.stdout
+    data_help = runner.invoke(app, ["data", "--help"])
+    assert "synth" in data_help.stdout and "check" in data_help.stdout
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("mcis ")

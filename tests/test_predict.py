@@ -1,0 +1,154 @@
+"""`mcis predict`: ONNX Runtime inference from the model metadata alone, without PyTorch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from mcis_cli.data import transforms
+from mcis_cli.errors import McisError
+from mcis_cli.stages import export, predict
+from tests.test_export import CLASSES, spread_model
+
+
+def blocky(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return np.kron(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))[:h, :w].astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    model = spread_model()
+    meta = {"class_names": CLASSES, "num_classes": len(CLASSES), "arch": "vgg16",
+            "mean": list(transforms.IMAGENET_MEAN), "std": list(transforms.IMAGENET_STD)}
+    path = tmp_path_factory.mktemp("model") / "model.onnx"
+    export.to_onnx(model, 18, export.model_metadata(meta, "run0", 18)).save(path, external_data=False)
+    return model, path
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Two 48x64 images (one batch) and one 40x56 image, as JPEG and PNG files."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, (h, w) in {"a.png": (48, 64), "b.jpg": (48, 64), "c.png": (40, 56)}.items():
+        Image.fromarray(blocky(rng, h, w)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")  # folders are filtered by suffix
+    return folder
+
+
+def test_masks_equal_torch_on_training_preprocessing(model_file, images, tmp_path):
+    model, path = model_file
+    summary = predict.run(path, [str(images)], tmp_path / "out", provider="cpu")
+    assert summary.startswith("3 images") and "CPUExecutionProvider" in summary
+    for stem in ("a", "b", "c"):
+        source = next(images.glob(f"{stem}.*"))
+        image = transforms.load_image(source)
+        with torch.no_grad():
+            expected = model(transforms.to_tensor(image)[None]).argmax(1)[0].numpy()
+        written = Image.open(tmp_path / "out" / f"{stem}.png")
+        assert written.mode == "P"
+        assert written.getpalette()[:12] == transforms.voc_palette()[:4].ravel().tolist()
+        np.testing.assert_array_equal(np.asarray(written), expected)
+        assert len(np.unique(expected)) > 1  # the check is not a constant mask
+        overlay = Image.open(tmp_path / "out" / f"{stem}_overlay.jpg")
+        assert overlay.size == written.size == (image.shape[1], image.shape[0])
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+
+
+def test_files_and_globs_collected_once(images):
+    found = predict.collect_images([str(images / "a.png"), str(images / "*.png"), str(images)])
+    assert [p.name for p in found] == ["a.png", "c.png", "b.jpg"]
+
+
+def test_providers_auto_and_cpu_report_cpu(model_file):
+    _, path = model_file
+    for provider in ("auto", "cpu"):
+        _, used = predict.open_session(path, provider)
+        assert used == "CPUExecutionProvider"
+
+
+def test_cuda_with_the_cpu_package_is_a_clear_error(model_file):
+    with pytest.raises(McisError, match="no CUDA support.*--provider cpu"):
+        predict.open_session(model_file[1], "cuda")
+
+
+def test_cuda_listed_without_a_gpu(model_file, monkeypatch):
+    """onnxruntime-gpu on a machine without a GPU lists CUDA, then runs on the CPU."""
+    monkeypatch.setattr(predict.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(predict.ort, "InferenceSession", _CpuOnlySession)
+    with pytest.raises(McisError, match="did not start"):
+        predict.open_session(model_file[1], "cuda")
+    assert predict.open_session(model_file[1], "auto")[1] == "CPUExecutionProvider"
+
+
+class _CpuOnlySession:
+    def __init__(self, path, providers):
+        self.providers = providers
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+
+def test_metadata_is_all_a_consumer_needs(model_file):
+    meta = predict.read_metadata(model_file[1])
+    assert meta["class_names"] == CLASSES and meta["num_classes"] == len(CLASSES)
+    assert meta["mean"] == pytest.approx(transforms.IMAGENET_MEAN)
+    assert meta["std"] == pytest.approx(transforms.IMAGENET_STD)
+    assert (meta["color_order"], meta["layout"], meta["opset"]) == ("RGB", "NCHW", 18)
+
+
+def test_bad_model_inputs(model_file, tmp_path, images):
+    with pytest.raises(McisError, match="model not found"):
+        predict.run(tmp_path / "missing.onnx", [str(images)], tmp_path / "out")
+    text = tmp_path / "fake.onnx"
+    text.write_text("this is not a protobuf")
+    with pytest.raises(McisError, match="not a valid ONNX model"):
+        predict.run(text, [str(images)], tmp_path / "out")
+    bare = onnx.load(model_file[1])
+    del bare.metadata_props[:]
+    onnx.save(bare, tmp_path / "bare.onnx")
+    with pytest.raises(McisError, match="lacks the mcis metadata"):
+        predict.run(tmp_path / "bare.onnx", [str(images)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_image_inputs(model_file, tmp_path, images):
+    path = model_file[1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(McisError, match="no images found"):
+        predict.run(path, [str(empty)], tmp_path / "out")
+    with pytest.raises(McisError, match="no images found"):
+        predict.run(path, [str(tmp_path / "nothing-*.jpg")], tmp_path / "out")
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not a jpeg")
+    with pytest.raises(McisError, match=r"broken\.jpg: corrupt or unreadable image"):
+        predict.run(path, [str(images), str(broken)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+    twin = tmp_path / "a.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(twin)
+    with pytest.raises(McisError, match="would both write a.png"):
+        predict.run(path, [str(images), str(twin)], tmp_path / "out")
+
+
+def test_serving_path_never_imports_torch(model_file, images, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        from mcis_cli.stages import predict
+        print(predict.run({str(model_file[1])!r}, [{str(images)!r}], {str(tmp_path / "out")!r}))
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        assert not loaded, loaded
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3 images" in done.stdout
+    assert (tmp_path / "out" / "c.png").is_file()

@@ -1,0 +1,116 @@
+"""The embedded dataset: deterministic, valid VOC layout, and built so that weak supervision is hard."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mcis_cli.cli import app
+from mcis_cli.config import DataCfg
+from mcis_cli.data import synth, transforms, voc
+from mcis_cli.errors import McisError
+
+SMALL = {"n_train": 6, "n_val": 3, "size": 48, "n_extra": 2, "n_web": 4}
+
+
+def _tree_hash(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_same_seed_gives_a_byte_identical_tree(tmp_path):
+    synth.write(tmp_path / "a", seed=7, **SMALL)
+    synth.write(tmp_path / "b", seed=7, **SMALL)
+    synth.write(tmp_path / "c", seed=8, **SMALL)
+    a = _tree_hash(tmp_path / "a")
+    assert a == _tree_hash(tmp_path / "b")
+    assert a != _tree_hash(tmp_path / "c")
+    assert len(a) == 6 * 2 + 3 * 2 + 2 + 4 + 8  # images, masks, extra, web, lists/readme/classes
+    synth.write(tmp_path / "d", seed=7, **{**SMALL, "n_train": 7})
+    d = _tree_hash(tmp_path / "d")
+    assert all(d[k] == a[k] for k in a if k.startswith(("JPEGImages/", "SegmentationClassAug/")))
+
+
+def test_refuses_to_overwrite_unless_forced(tmp_path):
+    out = tmp_path / "toy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(McisError, match="not empty"):
+        synth.write(out, **SMALL)
+    with pytest.raises(McisError, match="not written by"):
+        synth.write(out, force=True, **SMALL)
+    assert (out / "notes.txt").read_text() == "mine"
+    shutil.rmtree(out)
+    first = synth.write(out, **SMALL)
+    second = synth.write(out, seed=1, force=True, **SMALL)
+    assert first["images"] == second["images"] == 15
+    assert "--seed 1" in (out / "README.md").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["toy"]  # no temporary folder left
+
+
+def test_toy_tree_passes_check_and_reads_back(toy_root):
+    report = voc.check(toy_root)
+    assert report.problems == []
+    assert report.classes == synth.CLASS_NAMES == voc.class_names(toy_root)
+    assert report.splits["train_aug"].images == report.splits["train_aug"].masks == 48
+    assert report.splits["val"].masks == 16 and report.splits["web"].images == 8
+    assert all(n > 0 for n in report.splits["train_aug"].per_class)
+    samples = voc.train_samples(DataCfg(root=str(toy_root), extra_lists=["extra", "web"]))
+    assert len(samples) == 48 + 8 + 8
+    assert transforms.load_image(samples[-1].image).shape == (64, 64, 3)
+
+
+def test_labels_are_the_classes_in_the_masks(toy_root, tmp_path):
+    copy = shutil.copytree(toy_root, tmp_path / "copy")
+    voc.derive_labels(copy, force=True)
+    for name in voc.CLS_FILES:
+        assert (copy / voc.LISTS / name).read_text() == (toy_root / voc.LISTS / name).read_text()
+    mask = voc.load_mask(toy_root, "train_00000")
+    assert (mask == 255).any() and (mask == 0).mean() > 0.4  # an edge band; mostly background
+
+
+def test_objects_are_a_big_body_with_a_small_part():
+    """Bodies are shared within a family; the part, a small share of the object, names the class."""
+    families = [spec.family for spec in synth.CLASSES]
+    assert all(families.count(family) >= 2 for family in families)
+    assert len({spec.colour for spec in synth.CLASSES}) == len(synth.CLASSES)
+    for cls in range(len(synth.CLASSES)):
+        for i in range(5):
+            body, *part = synth._object(np.random.default_rng([cls, i]), cls, 96, 0)
+            if part:
+                ratio = (part[0].alpha >= 0.5).sum() / (body.alpha >= 0.5).sum()
+                assert 0.02 < ratio < 0.25
+
+
+def test_objects_stand_out_from_the_background(toy_root):
+    """Saturation alone separates objects from the muted background: saliency has a cue."""
+    gaps = []
+    for image_id in [f"val_{i:05d}" for i in range(16)]:
+        image = transforms.load_image(toy_root / voc.IMAGES / f"{image_id}.jpg").astype(float)
+        saturation = image.max(-1) - image.min(-1)
+        mask = voc.load_mask(toy_root, image_id)
+        gaps.append(saturation[(mask > 0) & (mask < 255)].mean() - saturation[mask == 0].mean())
+    assert np.mean(gaps) > 40 and np.mean(np.array(gaps) > 0) > 0.9
+
+
+def test_cli_synth_then_check(tmp_path):
+    runner, out = CliRunner(), tmp_path / "toy"
+    args = ["data", "synth", "--out", str(out), "--n-train", "4", "--n-val", "2", "--size", "48"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "wrote 6 images" in result.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "not empty" in again.output
+    checked = runner.invoke(app, ["data", "check", "--root", str(out)])
+    assert checked.exit_code == 0 and "no problems" in checked.output
+    with (out / voc.LISTS / "val.txt").open("a") as handle:
+        handle.write("../escape\n")
+    checked = runner.invoke(app, ["data", "check", "--root", str(out)])
+    assert checked.exit_code == 1 and "val.txt:3: unsafe image id" in checked.output
