@@ -216,7 +216,7 @@ def test_static_int8_reports_val_miou_and_replacement_is_announced(store, export
     out = tmp_path / "model.onnx"
     out.write_bytes(Path(exported[3].outputs["onnx"]).read_bytes())
     result = export.run(cfg, from_run=source, out=out)
-    assert f"which held the export of segment run {exported[2]}" in capfd.readouterr().err.replace("\n", "")
+    assert f"which held the export of segment run {exported[2]}" in " ".join(capfd.readouterr().err.split())
     int8 = Path(result.outputs["int8"])
     assert int8.name == "model.int8.onnx" and "registered" not in result.outputs
     assert predict.read_metadata(int8)["class_names"] == names
