@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +25,6 @@ from mcis_cli.stages import classify
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy.yaml"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Iterator[Path]:
-    """One tracking database for the module (creating one costs seconds); tests differ by name."""
-    tmp = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-        patch.chdir(tmp)
-        yield tmp
 
 
 def _overrides(root: Path, tmp: Path, name: str, **extra) -> list[str]:

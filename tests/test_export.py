@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +36,6 @@ def spread_model(names: list[str] = CLASSES) -> DeepLabLargeFOV:
                 torch.nn.init.kaiming_normal_(conv.weight)
                 conv.bias.normal_(0, 0.1)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Iterator[Path]:
-    tmp = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-        patch.chdir(tmp)
-        yield tmp
 
 
 def _config(store: Path, *sets: str):

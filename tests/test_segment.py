@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +42,6 @@ def painted(tmp_path_factory) -> tuple[Path, Path]:
     Image.fromarray(lut[mask]).save(folder / "image.png")
     transforms.save_palette_png(folder / "mask.png", mask)
     return folder / "image.png", folder / "mask.png"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Iterator[Path]:
-    """One tracking database for the module (creating one costs seconds); tests differ by name."""
-    tmp = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-        patch.chdir(tmp)
-        yield tmp
 
 
 def _overrides(root: Path, tmp: Path, name: str, **extra) -> list[str]:
