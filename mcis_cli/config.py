@@ -52,10 +52,15 @@ class LossWeights(Section):
 class ClassifyCfg(Section):
     method: Literal["mcis", "cam"] = "mcis"
     width: float = Field(1.0, gt=0, le=1)  # channel multiplier of the VGG16 backbone
+    batch_norm: bool = False  # BatchNorm after every conv (VGG16-BN); official: none
+    blocks: int = Field(5, ge=4, le=5)  # VGG16 conv blocks; 4 stops after conv4_3 (official: 5)
+    affinity: Literal["bilinear", "cosine"] = "bilinear"  # co-attention similarity (official: bilinear)
+    affinity_temperature: float = Field(0.1, gt=0)  # cosine only
     pretrained: bool = True  # torchvision ImageNet weights (width 1 only)
     input_size: int = Field(256, ge=32)
     batch_size: int = Field(5, ge=1)  # pairs per step (global, across processes)
     epochs: int = Field(15, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # official: SGD with Nesterov momentum
     lr: float = Field(1e-3, gt=0)
     lr_mult: list[float] = Field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])
     momentum: float = 0.9
@@ -76,6 +81,7 @@ class ClassifyCfg(Section):
 
 class LocalizeCfg(Section):
     method: Literal["mcis", "cam"] = "mcis"
+    input_size: int | None = Field(None, ge=32)  # square input; None: the classifier's training size
     partners: int = Field(3, ge=0)  # related images per class, drawn with replacement
     self_pairs: bool = True
     gate: float = 0.1  # a map joins the fusion only if sigmoid(its mean score) > gate
@@ -100,6 +106,8 @@ class PseudolabelCfg(Section):
 class SegmentCfg(Section):
     arch: Literal["vgg16", "resnet101"] = "vgg16"
     width: float = Field(1.0, gt=0, le=1)
+    batch_norm: bool = False  # vgg16 only: BatchNorm after every body conv; official: none
+    blocks: int = Field(5, ge=4, le=5)  # vgg16 only: conv blocks of the body (official: 5)
     pretrained: bool = True
     batch_size: int = Field(10, ge=1)
     crop: int = Field(321, ge=16)
@@ -153,6 +161,14 @@ class ExportCfg(Section):
     model_name: str = "mcis-deeplab"
 
 
+class PipelineCfg(Section):
+    """`mcis pipeline`: what runs beside the method itself."""
+
+    baselines: bool = True  # also the plain-CAM baseline and the fully supervised ceiling
+    compare_to: str | None = None  # experiment of the setting-1 pipeline that settings 2/3 report against
+    ablation_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+
+
 class TrackingCfg(Section):
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; else sqlite:///mlflow.db
     experiment: str | None = None  # default: the config name
@@ -172,6 +188,7 @@ class Config(Section):
     segment: SegmentCfg = Field(default_factory=SegmentCfg)
     evaluate: EvaluateCfg = Field(default_factory=EvaluateCfg)
     export: ExportCfg = Field(default_factory=ExportCfg)
+    pipeline: PipelineCfg = Field(default_factory=PipelineCfg)
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
 
     def to_yaml(self) -> str:
@@ -240,10 +257,32 @@ def _describe(error: ValidationError, source: str) -> str:
     return f"invalid value for {key!r} in {source}: {first['msg']} (got {first.get('input')!r})"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply `key=value` overrides and validate every type."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section (nested mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file with its `base:` chain resolved: `base: other.yaml` (relative to the file)
+    supplies every key the file does not set, so a variant config lists only what differs."""
+    if path.resolve() in seen:
+        raise McisError(f"config {path} includes itself through `base:`")
     tree = _read_yaml(path)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise McisError(f"`base:` in {path} must be a file name, got {base!r}")
+    return _merge(_read_tree(path.parent / base, (*seen, path.resolve())), tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (and its `base:` chain), apply `key=value` overrides and validate every type."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    tree = _read_tree(path)
     try:
         Config.model_validate(tree)
     except ValidationError as exc:

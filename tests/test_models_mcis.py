@@ -65,6 +65,42 @@ def test_output_stride_and_torchvision_layer_indices():
     assert VGG16D1(0.125, pool3x3=True)(torch.zeros(1, 3, 65, 65)).shape == (1, 64, 9, 9)
 
 
+def test_batch_norm_follows_torchvision_vgg16_bn_and_four_blocks_keep_stride_8():
+    net = VGG16D1(width=1.0, batch_norm=True)
+    reference = make_layers(cfgs["D"], batch_norm=True).state_dict()
+    assert {k: v.shape for k, v in net.features.state_dict().items()} == {
+        k: v.shape for k, v in reference.items()
+    }
+    short = VGG16D1(width=0.125, batch_norm=True, blocks=4)
+    assert short(torch.zeros(2, 3, 64, 64)).shape == (2, 64, 8, 8)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in short.features) == 10  # conv1_1 .. conv4_3
+    assert not any(isinstance(m, torch.nn.MaxPool2d) and m.stride == 1 for m in short.features)
+    with pytest.raises(ValueError, match="blocks must be 4 or 5"):
+        VGG16D1(blocks=3)
+    bn = MCISNet(K, width=0.125, batch_norm=True, blocks=4)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.extra_convs) == 3
+
+
+def test_cosine_affinity_is_the_scaled_cosine_of_detached_features():
+    torch.manual_seed(0)
+    net = MCISNet(K, width=0.125, affinity="cosine", temperature=0.2)
+    assert net.affinity is None
+    f1 = torch.randn(1, 8, 3, 2, requires_grad=True)
+    f2 = torch.randn(1, 8, 2, 4, requires_grad=True)
+    a, z = f1.flatten(2)[0], f2.flatten(2)[0]
+    s = (F.normalize(a, dim=0).T @ F.normalize(z, dim=0)) / 0.2
+    g1 = torch.stack([(s[i].softmax(0) * z).sum(1) for i in range(6)], dim=1)
+    got1, got2 = net.coattend(f1, f2)
+    torch.testing.assert_close(got1[0].flatten(1), g1.detach())
+    # the attention weights carry no gradient: G1 is linear in F2 and constant in F1
+    got1.sum().backward()
+    assert f1.grad is None or f1.grad.abs().sum() == 0
+    assert f2.grad.abs().sum() > 0
+    copy = MCISNet.from_checkpoint({"state_dict": net.state_dict(), "num_classes": K, "width": 0.125,
+                                    "affinity": "cosine", "temperature": 0.2})
+    assert (copy.affinity_kind, copy.temperature) == ("cosine", 0.2)
+
+
 def test_load_imagenet_reads_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(McisError, match=f"{IMAGENET_WEIGHTS}.*{tmp_path / 'checkpoints'}"):

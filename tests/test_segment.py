@@ -146,13 +146,15 @@ def test_param_groups_follow_deeplab_multipliers():
     assert sum(len(p) for p in groups.values()) == len(list(model.parameters()))
 
 
-def test_largefov_loads_torchvision_vgg16_layout():
-    from torchvision.models import vgg16
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_largefov_loads_torchvision_vgg16_layout(batch_norm):
+    from torchvision.models import vgg16, vgg16_bn
 
-    state = vgg16().state_dict()
-    model = DeepLabLargeFOV(21)
+    state = (vgg16_bn if batch_norm else vgg16)().state_dict()
+    model = DeepLabLargeFOV(21, batch_norm=batch_norm)
     model.load_imagenet(state)
-    assert torch.equal(model.features[28].weight, state["features.28.weight"])
+    last = "features.40.weight" if batch_norm else "features.28.weight"  # conv5_3
+    assert torch.equal(model.state_dict()[last], state[last])
     fc6 = state["classifier.0.weight"].view(4096, 512, 7, 7)[::4, :, ::3, ::3]
     assert torch.equal(model.fc6.weight, fc6)
     assert model.fc7.weight.shape == (1024, 1024, 1, 1)
@@ -182,6 +184,9 @@ def test_segment_gt_run_logs_poly_lr_loss_and_model(toy_root, store):
     names = ["background", *voc.class_names(toy_root)]
     assert meta["class_names"] == names and meta["num_classes"] == len(names)
     assert model(torch.zeros(1, 3, 29, 37)).shape == (1, len(names), 29, 37)
+    cfg = _config(toy_root, store, "gt")  # the toy body travels with the file
+    assert (meta["batch_norm"], meta["blocks"]) == (cfg.segment.batch_norm, cfg.segment.blocks)
+    assert isinstance(model.features[1], torch.nn.BatchNorm2d) == cfg.segment.batch_norm
 
 
 def test_pseudo_labels_come_from_the_pseudolabel_run(toy_root, store):

@@ -2,10 +2,10 @@
 
 Every object is a large textured body plus one small coloured part. Classes come in families
 whose bodies are drawn from the same distribution (shape, texture, hue), so within a family only
-the part tells classes apart: a plain CAM classifier can classify from the part alone and
-highlights little else. The body is still consistent within a class, so co-attention between two
-images of one class has a whole object to agree on. Backgrounds are muted and cluttered; objects
-are saturated, so an image-only saliency method mostly finds them.
+the part tells classes apart: the classifier has to find a few pixels of colour, and nothing in
+its loss asks it to cover the rest of the object. The body is consistent within a class, so
+co-attention between two images of one class has a whole object to agree on. Backgrounds are muted
+and cluttered; objects are saturated, so an image-only saliency method mostly finds them.
 
 Rendering is analytic (4x4 supersampled coverage) with numpy; files are written with Pillow.
 Each image draws from its own generator seeded by (seed, split, index), so a tree is

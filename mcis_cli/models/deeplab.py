@@ -18,13 +18,13 @@ from torchvision.ops import FrozenBatchNorm2d
 from mcis_cli.models.backbone import scaled, vgg_layers
 
 
-def deeplab_vgg16_features(width: float = 1.0) -> nn.Sequential:
+def deeplab_vgg16_features(width: float = 1.0, batch_norm: bool = False, blocks: int = 5) -> nn.Sequential:
     """The VGG16 body of DeepLab-LargeFOV at output stride 8, torchvision's layer indices.
 
     The classifier's builder with DeepLab's 3x3/2 pad 1 pool1-3 (321 -> 41 as in Caffe),
-    then pool5 (3x3/1 max) and pool5a (3x3/1 average) at indices 30 and 31.
+    then pool5 (3x3/1 max) and pool5a (3x3/1 average) after conv5_3.
     """
-    features = vgg_layers(width, pool3x3=True)
+    features = vgg_layers(width, pool3x3=True, batch_norm=batch_norm, blocks=blocks)
     features.append(nn.MaxPool2d(3, stride=1, padding=1))
     features.append(nn.AvgPool2d(3, stride=1, padding=1))
     return features
@@ -40,11 +40,12 @@ class DeepLabLargeFOV(nn.Module):
 
     NEW_LAYERS = ("classifier",)  # trained with lr_mult_classifier; fc6/fc7 count as the body
 
-    def __init__(self, num_classes: int, width: float = 1.0, dropout: float = 0.5):
+    def __init__(self, num_classes: int, width: float = 1.0, dropout: float = 0.5,
+                 batch_norm: bool = False, blocks: int = 5):
         super().__init__()
-        self.width = width
+        self.width, self.batch_norm, self.blocks = width, batch_norm, blocks
         fc = scaled(1024, width)
-        self.features = deeplab_vgg16_features(width)
+        self.features = deeplab_vgg16_features(width, batch_norm, blocks)
         self.fc6 = nn.Conv2d(scaled(512, width), fc, 3, padding=12, dilation=12)
         self.fc7 = nn.Conv2d(fc, fc, 1)
         self.drop = nn.Dropout(dropout)
@@ -67,7 +68,7 @@ class DeepLabLargeFOV(nn.Module):
 
     @torch.no_grad()
     def load_imagenet(self, state: dict[str, torch.Tensor]) -> None:
-        """Load torchvision's `vgg16` ImageNet state dict (width 1 only).
+        """Load torchvision's `vgg16` (or, with batch norm, `vgg16_bn`) ImageNet state dict (width 1 only).
 
         The conv body loads one to one. fc6/fc7 are decimated from the 4096-wide fully
         connected layers as DeepLab built `vgg16_20M`: every 4th channel, and fc6's 7x7 kernel
@@ -139,7 +140,8 @@ def build_segmenter(seg_cfg, num_classes: int) -> nn.Module:
     """The segmenter named by `cfg.segment.arch`."""
     if seg_cfg.arch == "resnet101":
         return DeepLabResNet101(num_classes)
-    return DeepLabLargeFOV(num_classes, width=seg_cfg.width, dropout=seg_cfg.dropout)
+    return DeepLabLargeFOV(num_classes, width=seg_cfg.width, dropout=seg_cfg.dropout,
+                           batch_norm=seg_cfg.batch_norm, blocks=seg_cfg.blocks)
 
 
 def param_groups(

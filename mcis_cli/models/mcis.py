@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mcis_cli.models.backbone import VGG16D1
+from mcis_cli.models.backbone import VGG16D1, conv_relu
 
 
 def gap(x: torch.Tensor) -> torch.Tensor:
@@ -23,16 +23,16 @@ def gap(x: torch.Tensor) -> torch.Tensor:
 
 
 class MCISNet(nn.Module):
-    def __init__(self, num_classes: int, width: float = 1.0):
+    def __init__(self, num_classes: int, width: float = 1.0, batch_norm: bool = False, blocks: int = 5,
+                 affinity: str = "bilinear", temperature: float = 0.1):
         super().__init__()
-        self.num_classes, self.width = num_classes, width
-        self.backbone = VGG16D1(width)
+        self.num_classes, self.width, self.batch_norm, self.blocks = num_classes, width, batch_norm, blocks
+        self.affinity_kind, self.temperature = affinity, temperature
+        self.backbone = VGG16D1(width, batch_norm=batch_norm, blocks=blocks)
         c = self.backbone.out_channels
-        self.extra_convs = nn.Sequential(
-            *(m for _ in range(3) for m in (nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True)))
-        )
+        self.extra_convs = nn.Sequential(*(m for _ in range(3) for m in conv_relu(c, c, 1, batch_norm)))
         self.cam_head = nn.Conv2d(c, num_classes, 1)  # plain CAM classifier, with bias
-        self.affinity = nn.Linear(c, c, bias=False)  # W of S = F1^T W^T F2
+        self.affinity = nn.Linear(c, c, bias=False) if affinity == "bilinear" else None  # W of S = F1^T W^T F2
         self.coatt_head = nn.Conv2d(c, num_classes, 1, bias=False)  # co-attention + contrastive
         self.gate_head = nn.Conv2d(c, 1, 1, bias=False)  # class-agnostic co-attention gate
         for conv in [*self.extra_convs, self.cam_head]:
@@ -44,7 +44,9 @@ class MCISNet(nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> MCISNet:
         """The model of a classify `checkpoints/model.pt` dict (state_dict + hyper-parameters)."""
-        model = cls(checkpoint["num_classes"], checkpoint["width"])
+        model = cls(int(checkpoint["num_classes"]), float(checkpoint["width"]),
+                    bool(checkpoint.get("batch_norm", False)), int(checkpoint.get("blocks", 5)),
+                    str(checkpoint.get("affinity", "bilinear")), float(checkpoint.get("temperature", 0.1)))
         model.load_state_dict(checkpoint["state_dict"])
         return model
 
@@ -55,16 +57,30 @@ class MCISNet(nn.Module):
     def cam(self, f: torch.Tensor) -> torch.Tensor:
         return self.cam_head(f)
 
+    def similarity(self, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """S (B, N1, N2) between the locations of two flattened feature maps (B, C, N).
+
+        "bilinear" (official): S = F1^T W^T F2 with a learned W. "cosine": the cosine similarity
+        of the features over a fixed temperature, computed on detached features, so the
+        co-attention losses can only use the features' resemblance, not reshape it: trained from
+        scratch, the bilinear form learns to send every location to the partner's object, which
+        raises the co-attention score but spreads the maps over the background.
+        """
+        if self.affinity is not None:
+            return torch.bmm(self.affinity(a.transpose(1, 2)), z)
+        a, z = F.normalize(a.detach(), dim=1), F.normalize(z.detach(), dim=1)
+        return torch.bmm(a.transpose(1, 2), z) / self.temperature
+
     def coattend(self, f1: torch.Tensor, f2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Co-attentive features (G1 on image 1's grid from F2, G2 on image 2's grid from F1).
 
-        S = F1^T W^T F2 is N1 x N2; G1 uses its row softmax (over image 2), G2 its column
+        S (`similarity`) is N1 x N2; G1 uses its row softmax (over image 2), G2 its column
         softmax (over image 1). The two grids may differ in size.
         """
         b, c, h1, w1 = f1.shape
         h2, w2 = f2.shape[2:]
         a, z = f1.flatten(2), f2.flatten(2)  # (B, C, N1), (B, C, N2)
-        s = torch.bmm(self.affinity(a.transpose(1, 2)), z)  # (B, N1, N2)
+        s = self.similarity(a, z)  # (B, N1, N2)
         g1 = torch.bmm(z, s.softmax(dim=2).transpose(1, 2))  # G1[:, i] = sum_j A1[i, j] F2[:, j]
         g2 = torch.bmm(a, s.softmax(dim=1))  # G2[:, j] = sum_i A2[i, j] F1[:, i]
         return g1.view(b, c, h1, w1), g2.view(b, c, h2, w2)

@@ -141,12 +141,13 @@ class Trainer:
     """Model, optimizer and the training step of one process; `train_epoch` is the timed loop."""
 
     def __init__(self, cfg: Config, num_classes: int, device: torch.device, imagenet: bool):
-        self.ccfg, self.device = cfg.classify, device
-        self.model = MCISNet(num_classes, self.ccfg.width)
+        c = self.ccfg = cfg.classify
+        self.device = device
+        self.model = MCISNet(num_classes, c.width, c.batch_norm, c.blocks, c.affinity, c.affinity_temperature)
         if imagenet:
-            load_imagenet(self.model.backbone)
+            load_imagenet(self.model.backbone, c.batch_norm)
         self.model.to(device)
-        criterion = Criterion(self.model, self.ccfg)
+        criterion = Criterion(self.model, c)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.criterion = (
             DistributedDataParallel(
@@ -155,11 +156,12 @@ class Trainer:
             )
             if self.distributed else criterion
         )
-        self.optimizer = torch.optim.SGD(
-            param_groups(self.model, self.ccfg.lr, self.ccfg.lr_mult), lr=self.ccfg.lr,
-            momentum=self.ccfg.momentum, nesterov=self.ccfg.nesterov,
-            weight_decay=self.ccfg.weight_decay,
-        )
+        groups = param_groups(self.model, c.lr, c.lr_mult)
+        if c.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                                             weight_decay=c.weight_decay)
         self.amp = self.ccfg.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.last_checkpoint: Path | None = None
@@ -226,7 +228,9 @@ class Trainer:
         """What localize loads: weights + the hyper-parameters to rebuild the model."""
         return {
             "state_dict": self.model.state_dict(), "num_classes": self.model.num_classes,
-            "width": self.model.width, "input_size": self.ccfg.input_size, "method": self.ccfg.method,
+            "width": self.model.width, "batch_norm": self.model.batch_norm, "blocks": self.model.blocks,
+            "affinity": self.model.affinity_kind, "temperature": self.model.temperature,
+            "input_size": self.ccfg.input_size, "method": self.ccfg.method,
         }
 
     def state(self, epoch: int, step: int) -> dict[str, Any]:

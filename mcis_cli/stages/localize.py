@@ -326,9 +326,7 @@ def maps_quality(samples: Sequence[voc.Sample], maps_dir: Path, root: str,
 # ---- the stage -------------------------------------------------------------------------------
 def load_model(source: tracking.SourceRun, device: torch.device) -> tuple[MCISNet, dict]:
     ckpt = runtime.load_checkpoint(source.fetch(CHECKPOINT))
-    model = MCISNet(int(ckpt["num_classes"]), float(ckpt["width"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.to(device).eval()
+    model = MCISNet.from_checkpoint(ckpt).to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     meta.setdefault("input_size", source.config().classify.input_size)
     return model, meta
@@ -380,7 +378,7 @@ def run(cfg: Config, from_run: str | None = None, parent: str | None = None) -> 
     names = voc.class_names(cfg.data.root)
     _check(cfg, meta, names)
     samples = voc.train_samples(cfg.data)
-    size = int(meta["input_size"])
+    size = lcfg_size if (lcfg_size := cfg.localize.input_size) else int(meta["input_size"])
     lcfg = cfg.localize
     key = _key(cfg, source.run_id)
     resume = _interrupted(cfg, key)

@@ -26,7 +26,7 @@ from mcis_cli import metrics, runtime, tracking
 from mcis_cli.config import Config, SegmentCfg
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
-from mcis_cli.models.backbone import IMAGENET_WEIGHTS as VGG16_WEIGHTS
+from mcis_cli.models.backbone import imagenet_path
 from mcis_cli.models.deeplab import build_segmenter, param_groups
 from mcis_cli.progress import console, training_progress
 from mcis_cli.stages import StageResult
@@ -163,8 +163,11 @@ def _load_imagenet(model: nn.Module, seg: SegmentCfg) -> None:
             f"segment.pretrained needs segment.width 1 (got {seg.width}): ImageNet weights exist at "
             f"full width only; set segment.pretrained=false"
         )
-    name = RESNET101_WEIGHTS if seg.arch == "resnet101" else VGG16_WEIGHTS
-    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if seg.arch == "resnet101":
+        path = Path(torch.hub.get_dir()) / "checkpoints" / RESNET101_WEIGHTS
+    else:
+        path = imagenet_path(seg.batch_norm)
+    name = path.name
     if not path.is_file():
         raise McisError(
             f"ImageNet weights for segment.arch={seg.arch} not found: put torchvision's {name} in "
@@ -183,7 +186,9 @@ def load_segmenter(path: str | Path) -> tuple[nn.Module, dict]:
     missing = {"state_dict", "arch", "num_classes", "width"} - state.keys()
     if missing:
         raise McisError(f"{path} is not a segment model file: it lacks {sorted(missing)}")
-    model = build_segmenter(SegmentCfg(arch=state["arch"], width=state["width"]), state["num_classes"])
+    seg = SegmentCfg(arch=state["arch"], width=state["width"], batch_norm=state.get("batch_norm", False),
+                     blocks=state.get("blocks", 5))
+    model = build_segmenter(seg, state["num_classes"])
     model.load_state_dict(state["state_dict"])
     return model.eval(), {k: v for k, v in state.items() if k != "state_dict"}
 
@@ -359,7 +364,8 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
                 result["val/miou"] = miou
             runtime.save_checkpoint(out / MODEL, {
                 "state_dict": model.state_dict(), "arch": seg.arch, "num_classes": len(class_names),
-                "width": model.width, "class_names": class_names,
+                "width": model.width, "batch_norm": seg.batch_norm, "blocks": seg.blocks,
+                "class_names": class_names,
                 "mean": list(transforms.IMAGENET_MEAN), "std": list(transforms.IMAGENET_STD),
             })
             tracker.log_artifact(out / MODEL, "checkpoints")
