@@ -30,6 +30,29 @@ def test_official_values_in_voc_config():
     assert cfg.evaluate.crf_params.iters == 1 and cfg.evaluate.crf_params.bi_srgb == 4
 
 
+def test_official_recipe_keeps_the_paper_architecture_and_optimiser():
+    cfg = load_config(REPO / "configs/voc12_vgg16.yaml")
+    c = cfg.classify
+    assert (c.batch_norm, c.blocks, c.affinity, c.optimizer, c.nesterov) == (False, 5, "bilinear", "sgd", True)
+    assert (cfg.segment.batch_norm, cfg.segment.blocks) == (False, 5)
+
+
+def test_base_chain_merges_sections_and_refuses_loops(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nseed: 3\nclassify: {epochs: 4, lr: 0.5}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\nclassify: {epochs: 9}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("base: ../b.yaml\nname: c\n")
+    cfg = load_config(tmp_path / "sub" / "c.yaml", ["classify.lr=0.25"])
+    assert (cfg.name, cfg.seed, cfg.classify.epochs, cfg.classify.lr) == ("c", 3, 9, 0.25)
+    assert cfg.classify.batch_size == Config().classify.batch_size  # untouched keys: defaults
+    (tmp_path / "a.yaml").write_text("base: sub/c.yaml\nname: a\n")
+    with pytest.raises(McisError, match="includes itself"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\nname: d\n")
+    with pytest.raises(McisError, match="config file not found: .*missing.yaml"):
+        load_config(tmp_path / "d.yaml")
+
+
 def test_set_overrides_coerce_types(tmp_path):
     cfg = load_config(REPO / "configs/toy.yaml", [
         "classify.lr=0.01", "evaluate.scales=[1.0]", "evaluate.crf=false",
