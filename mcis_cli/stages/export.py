@@ -82,23 +82,31 @@ def staged(target: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _best_time(call, repeats: int) -> float:
+    """The fastest of `repeats` timed calls: the least disturbed by other work on the machine."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 @torch.no_grad()
-def parity(model: nn.Module, session, sizes: list[list[int]], seed: int = 0) -> dict:
+def parity(model: nn.Module, session, sizes: list[list[int]], seed: int = 0, repeats: int = 3) -> dict:
     """ONNX Runtime vs PyTorch logits on random inputs of each (N, H, W), and their speed ratio
-    over all sizes after one warm-up call each (`speed/ort_over_torch` > 1: ORT is faster)."""
+    (`speed/ort_over_torch` > 1: ORT is faster): per size the best of `repeats` calls after the
+    comparison call, which also warms both up (PyTorch builds its kernels per new shape)."""
     generator = torch.Generator().manual_seed(seed)
-    inputs = [torch.randn(n, 3, h, w, generator=generator) for n, h, w in sizes]
-    model(inputs[0])
-    session.run(None, {"input": inputs[0].numpy()})
     report = {"parity/max_abs_diff": 0.0, "parity/argmax_agree": 1.0, "sizes": {}}
     seconds = {"torch": 0.0, "ort": 0.0}
-    for (n, h, w), x in zip(sizes, inputs, strict=True):
-        start = time.perf_counter()
+    for n, h, w in sizes:
+        x = torch.randn(n, 3, h, w, generator=generator)
+        feed = {"input": x.numpy()}
         expected = model(x).numpy()
-        middle = time.perf_counter()
-        got = session.run(None, {"input": x.numpy()})[0]
-        seconds["torch"] += middle - start
-        seconds["ort"] += time.perf_counter() - middle
+        got = session.run(None, feed)[0]
+        seconds["torch"] += _best_time(lambda x=x: model(x), repeats)
+        seconds["ort"] += _best_time(lambda feed=feed: session.run(None, feed), repeats)
         diff = float(np.abs(got - expected).max())
         agree = float((got.argmax(1) == expected.argmax(1)).mean())
         report["sizes"][f"{n}x{h}x{w}"] = {"max_abs_diff": diff, "argmax_agree": agree}
