@@ -2,7 +2,7 @@
 
 Like IRN's run_sample.py, this is only a driver: each step calls a stage's `run(...)`. A step whose
 nested run already FINISHED under an unfinished parent of the same config is reused, so a re-run
-after a failure resumes from the last finished stage.
+after a failure resumes from the last finished step (ablation steps included).
 """
 
 from __future__ import annotations
@@ -10,16 +10,20 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from mcis_cli import tracking
 from mcis_cli.config import Config
+from mcis_cli.errors import McisError
 from mcis_cli.stages import StageResult
 
 STEP_TAG = "mcis.step"
+ABLATION_TAG = "mcis.ablation"
 
 
 def config_hash(cfg: Config) -> str:
@@ -34,13 +38,16 @@ def _with(cfg: Config, **sections) -> Config:
     return Config.model_validate(tree)
 
 
+def cam_baseline(cfg: Config) -> Config:
+    """The plain-CAM baseline of a config: the same classifier trained and read without co-attention."""
+    return _with(cfg, classify={"method": "cam"}, localize={"method": "cam"})
+
+
 def ensure_data(cfg: Config, console: Console) -> None:
     root = Path(cfg.data.root)
     if root.exists():
         return
     if cfg.data.synth is None:
-        from mcis_cli.errors import McisError
-
         raise McisError(f"data root {root} does not exist (point data.root at a VOC2012 folder)")
     from mcis_cli.data import synth
 
@@ -50,23 +57,55 @@ def ensure_data(cfg: Config, console: Console) -> None:
                 n_extra=s.n_extra, n_web=s.n_web)
 
 
-def steps(cfg: Config) -> list[tuple[str, Callable[[dict[str, StageResult], str], StageResult]]]:
-    """(name, call) in order; each call gets the results so far and the parent run id."""
+class Steps:
+    """Runs named steps as nested runs of the parent, reusing those a failed attempt finished."""
+
+    def __init__(self, cfg: Config, parent_id: str, done: dict[str, tracking.SourceRun], console: Console):
+        self.cfg, self.parent_id, self.done, self.console = cfg, parent_id, done, console
+
+    def __call__(self, name: str, call: Callable[[str], StageResult], **tags: str) -> StageResult:
+        if name in self.done:
+            self.console.print(f"[dim]{name}: reusing finished run {self.done[name].run_id}[/]")
+            return StageResult(self.done[name].run_id, self.done[name].metrics)
+        self.console.rule(f"[bold]{name}")
+        result = call(self.parent_id)
+        tracking.set_run_tags(self.cfg, result.run_id, {STEP_TAG: name, **tags})
+        return result
+
+
+def method_steps(cfg: Config, step: Steps) -> dict[str, StageResult]:
+    """The method, then (pipeline.baselines) the plain-CAM baseline and the supervised ceiling."""
     from mcis_cli.stages import classify, evaluate, export, localize, pseudolabel, segment
 
-    cam = _with(cfg, classify={"method": "cam"}, localize={"method": "cam"})
-    return [
-        ("classify", lambda r, p: classify.run(cfg, parent=p)),
-        ("localize", lambda r, p: localize.run(cfg, from_run=r["classify"].run_id, parent=p)),
-        ("pseudolabel", lambda r, p: pseudolabel.run(cfg, from_run=r["localize"].run_id, parent=p)),
-        ("segment", lambda r, p: segment.run(cfg, from_run=r["pseudolabel"].run_id, parent=p)),
-        ("evaluate", lambda r, p: evaluate.run(cfg, from_run=r["segment"].run_id, parent=p)),
-        ("export", lambda r, p: export.run(cfg, from_run=r["segment"].run_id, parent=p)),
-        ("classify_cam", lambda r, p: classify.run(cam, parent=p)),
-        ("localize_cam", lambda r, p: localize.run(cam, from_run=r["classify_cam"].run_id, parent=p)),
-        ("segment_gt", lambda r, p: segment.run(cfg, labels="gt", parent=p)),
-        ("evaluate_gt", lambda r, p: evaluate.run(cfg, from_run=r["segment_gt"].run_id, parent=p)),
-    ]
+    r: dict[str, StageResult] = {}
+    r["classify"] = step("classify", lambda p: classify.run(cfg, parent=p))
+    r["localize"] = step("localize", lambda p: localize.run(cfg, from_run=r["classify"].run_id, parent=p))
+    r["pseudolabel"] = step("pseudolabel", lambda p: pseudolabel.run(cfg, from_run=r["localize"].run_id, parent=p))
+    r["segment"] = step("segment", lambda p: segment.run(cfg, from_run=r["pseudolabel"].run_id, parent=p))
+    r["evaluate"] = step("evaluate", lambda p: evaluate.run(cfg, from_run=r["segment"].run_id, parent=p))
+    r["export"] = step("export", lambda p: export.run(cfg, from_run=r["segment"].run_id, parent=p))
+    if not cfg.pipeline.baselines:
+        return r
+    cam = cam_baseline(cfg)
+    r["classify_cam"] = step("classify_cam", lambda p: classify.run(cam, parent=p))
+    r["localize_cam"] = step("localize_cam", lambda p: localize.run(cam, from_run=r["classify_cam"].run_id, parent=p))
+    r["pseudolabel_cam"] = step("pseudolabel_cam", lambda p: pseudolabel.run(cam, from_run=r["localize_cam"].run_id, parent=p))
+    r["segment_gt"] = step("segment_gt", lambda p: segment.run(cfg, labels="gt", parent=p))
+    r["evaluate_gt"] = step("evaluate_gt", lambda p: evaluate.run(cfg, from_run=r["segment_gt"].run_id, parent=p))
+    return r
+
+
+def setting1_metrics(cfg: Config, console: Console) -> dict[str, float] | None:
+    """Summary metrics of the latest finished pipeline of `pipeline.compare_to` (setting 1)."""
+    name = cfg.pipeline.compare_to
+    if not name:
+        return None
+    runs = tracking.find_runs(_with(cfg, tracking={"experiment": name}), "pipeline")
+    if not runs:
+        console.print(f"[yellow]warning:[/] no finished pipeline in experiment {name!r} to compare "
+                      f"with; run `mcis pipeline --config configs/{name}.yaml` first")
+        return {}
+    return runs[0].metrics
 
 
 def run(cfg: Config, ablation: bool = False, console: Console | None = None) -> dict[str, StageResult]:
@@ -75,24 +114,18 @@ def run(cfg: Config, ablation: bool = False, console: Console | None = None) -> 
     digest = config_hash(cfg)
     unfinished = tracking.find_runs(cfg, "pipeline", finished=False, **{"mcis.config_hash": digest})
     resume = unfinished[0].run_id if unfinished else None
-    results: dict[str, StageResult] = {}
     started = time.time()
     with tracking.stage_run(cfg, "pipeline", resume=resume, run_name="pipeline") as parent:
         parent.set_tags({"mcis.config_hash": digest})
         done = tracking.finished_children(cfg, parent.run_id, STEP_TAG) if resume else {}
-        for name, call in steps(cfg):
-            if name in done:
-                console.print(f"[dim]{name}: reusing finished run {done[name].run_id}[/]")
-                results[name] = StageResult(done[name].run_id, done[name].metrics)
-                continue
-            console.rule(f"[bold]{name}")
-            results[name] = call(results, parent.run_id)
-            tracking.set_run_tags(cfg, results[name].run_id, {STEP_TAG: name})
-        table = results_table(results)
-        parent.log_metrics(summary_metrics(results), step=0)
+        step = Steps(cfg, parent.run_id, done, console)
+        results = method_steps(cfg, step)
+        rows = result_rows(results, setting1_metrics(cfg, console), cfg.pipeline.compare_to)
+        table = results_table(rows)
+        parent.log_metrics({key: value for _, key, value in rows if value is not None}, step=0)
         parent.log_text(markdown(table), "results.md")
         if ablation:
-            ablation_table = run_ablation(cfg, parent, console)
+            ablation_table = run_ablation(cfg, step, parent, results)
     console.print(table)
     if ablation:
         console.print(ablation_table)
@@ -100,38 +133,43 @@ def run(cfg: Config, ablation: bool = False, console: Console | None = None) -> 
     return results
 
 
-def summary_metrics(results: dict[str, StageResult]) -> dict[str, float]:
-    rows = _rows(results)
-    return {key: value for _, key, value in rows if value is not None}
+def result_rows(results: dict[str, StageResult], setting1: dict[str, float] | None = None,
+                setting1_name: str | None = None) -> list[tuple[str, str, float | None]]:
+    """(what, summary key, value) for the results table and the parent run's metrics."""
+    def m(step: str, key: str) -> float | None:
+        return results[step].metrics.get(key) if step in results else None
 
-
-def _metric(results: dict[str, StageResult], step: str, key: str) -> float | None:
-    result = results.get(step)
-    return None if result is None else result.metrics.get(key)
-
-
-def _rows(results: dict[str, StageResult]) -> list[tuple[str, str, float | None]]:
-    m = lambda step, key: _metric(results, step, key)  # noqa: E731
     seg, ceiling = m("evaluate", "miou"), m("evaluate_gt", "miou")
-    return [
-        ("localize (CAM baseline)", "maps/miou", m("localize_cam", "maps/miou")),
-        ("localize (MCIS)", "maps/miou", m("localize", "maps/miou")),
-        ("pseudolabel", "pseudo/miou", m("pseudolabel", "pseudo/miou")),
-        ("pseudolabel (share of pixels ignored)", "pseudo/ignore_frac", m("pseudolabel", "pseudo/ignore_frac")),
-        ("segment (val, no CRF)", "seg/miou_nocrf", m("evaluate", "miou_nocrf")),
-        ("segment (val, CRF)", "seg/miou", seg),
+    rows = [
+        ("localization maps, CAM baseline (train)", "cam/maps_miou", m("localize_cam", "maps/miou")),
+        ("localization maps, MCIS (train)", "mcis/maps_miou", m("localize", "maps/miou")),
+        ("pseudo masks from CAM maps (train)", "cam/pseudo_miou", m("pseudolabel_cam", "pseudo/miou")),
+        ("pseudo masks, MCIS (train)", "mcis/pseudo_miou", m("pseudolabel", "pseudo/miou")),
+        ("pseudo masks, MCIS: precision", "mcis/pseudo_precision", m("pseudolabel", "pseudo/precision")),
+        ("pseudo masks, MCIS: recall", "mcis/pseudo_recall", m("pseudolabel", "pseudo/recall")),
+        ("pseudo masks, MCIS: share of pixels ignored", "mcis/pseudo_ignore_frac", m("pseudolabel", "pseudo/ignore_frac")),
+        ("segmentation on pseudo masks (val, no CRF)", "seg/miou_nocrf", m("evaluate", "miou_nocrf")),
+        ("segmentation on pseudo masks (val, CRF)", "seg/miou", seg),
         ("fully supervised ceiling (val, CRF)", "ceiling/miou", ceiling),
-        ("fraction of the ceiling", "ceiling/fraction", seg / ceiling if seg and ceiling else None),
-        ("export", "parity/max_abs_diff", m("export", "parity/max_abs_diff")),
-        ("export", "speed/ort_over_torch", m("export", "speed/ort_over_torch")),
+        ("fraction of the ceiling reached", "ceiling/fraction", seg / ceiling if seg and ceiling else None),
+        ("ONNX export: max |ORT - PyTorch| logit", "export/max_abs_diff", m("export", "parity/max_abs_diff")),
+        ("ONNX export: ORT speed / PyTorch speed", "export/ort_over_torch", m("export", "speed/ort_over_torch")),
     ]
+    if setting1 is not None:
+        before = setting1.get("seg/miou")
+        rows += [
+            (f"setting 1 ({setting1_name}): segmentation (val, CRF)", "setting1/seg_miou", before),
+            ("gain over setting 1: segmentation (val, CRF)", "gain/seg_miou",
+             seg - before if seg is not None and before is not None else None),
+        ]
+    return rows
 
 
-def results_table(results: dict[str, StageResult]) -> Table:
-    table = Table(title="MCIS on this dataset", header_style="bold")
+def results_table(rows: list[tuple[str, str, float | None]]) -> Table:
+    table = Table(title="MCIS on this dataset (mIoU unless named)", header_style="bold")
     for column in ("stage", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")
-    for stage, key, value in _rows(results):
+    for stage, key, value in rows:
         table.add_row(stage, key, "-" if value is None else f"{value:.4f}")
     return table
 
@@ -146,50 +184,78 @@ def markdown(table: Table) -> str:
 
 
 # ---- ablation -------------------------------------------------------------------------------
-ABLATION_SEEDS = (0, 1, 2)
+@dataclass(frozen=True)
+class Variant:
+    key: str  # metric-name safe
+    name: str
+    cfg: Config
 
 
-def ablation_variants(cfg: Config) -> list[tuple[str, Config]]:
-    """The paper's component ablation, each variant a (classify, localize) config pair."""
+def ablation_variants(cfg: Config) -> list[Variant]:
+    """The paper's component ablation, then the number of partners at test time."""
     off = {"coattention": False, "contrastive": False, "self_pairs": False}
-    variants = [
-        ("plain CAM", _with(cfg, classify={"method": "cam"}, localize={"method": "cam"})),
-        ("+ co-attention", _with(cfg, classify={**off, "coattention": True},
-                                 localize={"self_pairs": False})),
-        ("+ contrastive", _with(cfg, classify={**off, "coattention": True, "contrastive": True},
-                                localize={"self_pairs": False})),
-        ("+ self-pairs (MCIS)", cfg),
+    return [
+        Variant("cam", "plain CAM", cam_baseline(cfg)),
+        Variant("coatt", "+ co-attention", _with(cfg, classify={**off, "coattention": True},
+                                                 localize={"self_pairs": False})),
+        Variant("contrast", "+ contrastive co-attention",
+                _with(cfg, classify={**off, "coattention": True, "contrastive": True},
+                      localize={"self_pairs": False})),
+        *(Variant(f"mcis_p{k}", f"+ self-pairs (MCIS), {k} partners", _with(cfg, localize={"partners": k}))
+          for k in (1, 3, 5)),
     ]
-    variants += [(f"MCIS, {k} partners", _with(cfg, localize={"partners": k})) for k in (1, 5)]
-    return variants
 
 
-def run_ablation(cfg: Config, parent: tracking.Tracker, console: Console) -> Table:
-    """Train and localize every variant for every seed; log the spread and a chart."""
-    import numpy as np
+def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker,
+                 results: dict[str, StageResult]) -> Table:
+    """Train, localize and pseudo-label every variant for every seed; log the spread and a chart.
 
+    A classifier is trained once per (classify section, seed): the partner-count variants share
+    one, and the pipeline's own classify runs serve the variants they equal at the config's seed.
+    """
     from mcis_cli import plots
-    from mcis_cli.stages import classify, localize
+    from mcis_cli.stages import classify, localize, pseudolabel
 
-    scores: dict[str, list[float]] = {}
-    trained: dict[str, str] = {}  # classify section + seed -> run id, shared across variants
-    for name, variant in ablation_variants(cfg):
-        for seed in ABLATION_SEEDS:
-            seeded = variant.model_copy(update={"seed": seed})
-            key = f"{seeded.classify.model_dump_json()}/{seed}"
-            console.rule(f"[bold]ablation: {name}, seed {seed}")
+    trained = {(cfg.classify.model_dump_json(), cfg.seed): results["classify"].run_id}
+    if "classify_cam" in results:
+        trained[(cam_baseline(cfg).classify.model_dump_json(), cfg.seed)] = results["classify_cam"].run_id
+    scores: dict[str, dict[str, list[float]]] = {}
+    for v in ablation_variants(cfg):
+        for seed in cfg.pipeline.ablation_seeds:
+            seeded = v.cfg.model_copy(update={"seed": seed})
+            prefix, tags = f"ablation/{v.key}/seed{seed}", {ABLATION_TAG: v.key, "mcis.seed": str(seed)}
+            key = (seeded.classify.model_dump_json(), seed)
             if key not in trained:
-                trained[key] = classify.run(seeded, parent=parent.run_id).run_id
-            maps = localize.run(seeded, from_run=trained[key], parent=parent.run_id)
-            tracking.set_run_tags(seeded, maps.run_id, {"mcis.ablation": name})
-            scores.setdefault(name, []).append(maps.metrics["maps/miou"])
-    table = Table(title="Ablation: localization-map mIoU over seeds", header_style="bold")
-    for column in ("variant", "mean", "std", "runs"):
-        table.add_column(column)
-    for index, (name, values) in enumerate(scores.items()):
-        mean, std = float(np.mean(values)), float(np.std(values))
-        table.add_row(name, f"{mean:.4f}", f"{std:.4f}", str(len(values)))
-        parent.log_metrics({"ablation/mean": mean, "ablation/std": std}, step=index)
+                trained[key] = step(f"{prefix}/classify", lambda p, c=seeded: classify.run(c, parent=p),
+                                    **tags).run_id
+            maps = step(f"{prefix}/localize",
+                        lambda p, c=seeded, k=key: localize.run(c, from_run=trained[k], parent=p), **tags)
+            pseudo = step(f"{prefix}/pseudolabel",
+                          lambda p, c=seeded, m=maps: pseudolabel.run(c, from_run=m.run_id, parent=p), **tags)
+            per = scores.setdefault(v.name, {"maps": [], "pseudo": []})
+            per["maps"].append(maps.metrics["maps/miou"])
+            per["pseudo"].append(pseudo.metrics["pseudo/miou"])
+    table = ablation_table(scores, len(cfg.pipeline.ablation_seeds))
+    for v in ablation_variants(cfg):
+        for what, values in scores[v.name].items():
+            parent.log_metrics({f"ablation/{v.key}/{what}_miou_mean": float(np.mean(values)),
+                                f"ablation/{v.key}/{what}_miou_std": float(np.std(values))}, step=0)
     parent.log_text(markdown(table), "ablation.md")
     parent.log_figure(plots.ablation_chart(scores), "ablation.png")
+    return table
+
+
+def ablation_table(scores: dict[str, dict[str, list[float]]], seeds: int) -> Table:
+    """Mean ± std over seeds per variant, and each mean's difference to the first (plain CAM)."""
+    table = Table(title=f"Ablation: mIoU on the training images, mean ± std over {seeds} seeds",
+                  header_style="bold")
+    for column in ("variant", "maps", "maps vs CAM", "pseudo masks", "pseudo vs CAM"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    first = next(iter(scores.values()))
+    for name, per in scores.items():
+        cells = []
+        for what in ("maps", "pseudo"):
+            values = np.asarray(per[what])
+            cells += [f"{values.mean():.4f} ± {values.std():.4f}", f"{values.mean() - np.mean(first[what]):+.4f}"]
+        table.add_row(name, *cells)
     return table

@@ -71,20 +71,22 @@ def sweep_figure(thresholds: Sequence[float], mious: Sequence[float], best: floa
     return figure
 
 
-def ablation_chart(scores: dict[str, Sequence[float]]) -> Figure:
-    """Mean mIoU per variant with its standard deviation over seeds, each seed as a dot."""
+def ablation_chart(scores: dict[str, dict[str, Sequence[float]]]) -> Figure:
+    """Per metric a panel: mean mIoU per variant with its standard deviation over seeds, each seed
+    as a dot. `scores[variant][metric]` holds one value per seed."""
     names = list(scores)
-    figure = _figure(6, 0.45 * len(names) + 1.2)
-    ax = figure.add_subplot()
-    means = [100 * float(np.mean(scores[n])) for n in names]
-    stds = [100 * float(np.std(scores[n])) for n in names]
-    ax.barh(range(len(names)), means, xerr=stds, color="tab:blue", alpha=0.6, capsize=3)
-    for row, name in enumerate(names):
-        values = 100 * np.asarray(scores[name], dtype=np.float64)
-        ax.plot(values, np.full(values.shape, row), "o", color="black", markersize=3)
-    ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()  # first variant on top, as in the table
-    ax.set_xlabel("mIoU (%), mean ± std over seeds")
+    metrics = list(next(iter(scores.values())))
+    figure = _figure(4 * len(metrics) + 2, 0.45 * len(names) + 1.2)
+    for column, metric in enumerate(metrics):
+        ax = figure.add_subplot(1, len(metrics), column + 1)
+        values = [100 * np.asarray(scores[n][metric], dtype=np.float64) for n in names]
+        ax.barh(range(len(names)), [v.mean() for v in values], xerr=[v.std() for v in values],
+                color="tab:blue", alpha=0.6, capsize=3)
+        for row, v in enumerate(values):
+            ax.plot(v, np.full(v.shape, row), "o", color="black", markersize=3)
+        ax.set_yticks(range(len(names)), names if column == 0 else [])
+        ax.invert_yaxis()  # first variant on top, as in the table
+        ax.set_xlabel(f"{metric} mIoU (%), mean ± std")
     return figure
 
 

@@ -99,8 +99,9 @@ def test_figures_render(tmp_path):
     assert grid.shape == (40 + 2 + 40, 3 * 90 + 2 * 2, 3) and grid.dtype == np.uint8  # widest row
     truth_tile = grid[:40, 62:122].reshape(-1, 3)  # nearest resampling keeps palette colours
     assert {tuple(c) for c in truth_tile} == {tuple(c) for c in plots.colorize(np.unique(labels))}
-    chart = plots.ablation_chart({"CAM": [0.3, 0.32], "MCIS": [0.41, 0.4]})
-    assert len(chart.axes[0].patches) == 2
+    chart = plots.ablation_chart({"CAM": {"maps": [0.3, 0.32], "pseudo": [0.4, 0.5]},
+                                  "MCIS": {"maps": [0.41, 0.4], "pseudo": [0.5, 0.6]}})
+    assert [len(ax.patches) for ax in chart.axes] == [2, 2]  # a panel per metric, a bar per variant
     cm = np.array([[5, 1, 0], [0, 0, 0], [2, 0, 3]])
     for figure in (chart, plots.confusion_figure(cm, ["a", "b", "c"]),
                    plots.iou_figure({"a": 0.5, "b": float("nan")}, 0.5),

@@ -247,7 +247,8 @@ def run(cfg: Config, from_run: str | None = None, parent: str | None = None) -> 
         tracker.log_metrics(result)
         tracker.log_artifacts(out_dir, "pseudo")
         tracker.log_image(_overlays(cfg, samples[:OVERLAYS], out_dir), "pseudo_overlays")
-    headline = {k: result[k] for k in ("pseudo/miou", "pseudo/ignore_frac", "saliency/fmeasure") if k in result}
+    headline = {k: result[k] for k in ("pseudo/miou", "pseudo/precision", "pseudo/recall", "pseudo/ignore_frac",
+                                       "saliency/fmeasure") if k in result}
     return StageResult(tracker.run_id, headline, {"pseudo": str(out_dir)})
 
 

@@ -1,0 +1,175 @@
+"""`mcis pipeline`: every stage's run, metric and artifact, a resume after a failure, the ablation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from mcis_cli import pipeline, tracking
+from mcis_cli.cli import app
+from mcis_cli.config import load_config
+from mcis_cli.stages import StageResult, export
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ["classify", "localize", "pseudolabel", "segment", "evaluate", "export",
+         "classify_cam", "localize_cam", "pseudolabel_cam", "segment_gt", "evaluate_gt"]
+# artifacts each step must have logged (a folder counts when it holds at least `count` files)
+ARTIFACTS = {
+    "classify": [("checkpoints/model.pt", 1)], "classify_cam": [("checkpoints/model.pt", 1)],
+    "localize": [("maps", 48), ("maps_overlays.png", 1)], "localize_cam": [("maps", 48)],
+    "pseudolabel": [("pseudo", 48), ("pseudo_overlays.png", 1)], "pseudolabel_cam": [("pseudo", 48)],
+    "segment": [("checkpoints/model.pt", 1)], "segment_gt": [("checkpoints/model.pt", 1)],
+    "evaluate": [("confusion.csv", 1), ("results.md", 1), ("plots", 3)], "evaluate_gt": [("confusion.csv", 1)],
+    "export": [("onnx", 1), ("parity.json", 1)],
+}
+
+
+def tiny_config(tmp_path: Path, toy_root: Path, name: str, **sections) -> Path:
+    """configs/toy.yaml at a budget of seconds: the shipped method settings, tiny schedules."""
+    tree = {
+        "base": str(REPO / "configs" / "toy.yaml"), "name": name, "output_dir": str(tmp_path / "runs"),
+        "data": {"root": str(toy_root), "synth": None},
+        "classify": {"input_size": 32, "epochs": 2, "decay_epochs": [1], "checkpoint_epoch": 1,
+                     "contrastive_from_epoch": 1},
+        "localize": {"partners": 1},
+        "segment": {"crop": 48, "iters": 12, "val_every": 0, "checkpoint_every": 6},
+        "evaluate": {"scales": [1.0], "flip": False, "jobs": 1, "overlays": 2},
+        "export": {"parity_sizes": [[1, 64, 64], [2, 40, 56]]},
+        "pipeline": {"ablation_seeds": [0, 1]},
+    }
+    for section, fields in sections.items():
+        tree[section] = {**tree.get(section, {}), **fields}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _children(mlc: MlflowClient, parent_id: str) -> dict[str, object]:
+    parent = mlc.get_run(parent_id)
+    runs = mlc.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {r.data.tags[pipeline.STEP_TAG]: r for r in runs if pipeline.STEP_TAG in r.data.tags}
+
+
+def _artifact_count(mlc: MlflowClient, run_id: str, path: str) -> int:
+    """1 for a logged file, the number of entries for a logged folder, else 0."""
+    folder = str(Path(path).parent) if "/" in path else None
+    entry = {a.path: a for a in mlc.list_artifacts(run_id, folder)}.get(path)
+    if entry is None:
+        return 0
+    return len(mlc.list_artifacts(run_id, path)) if entry.is_dir else 1
+
+
+def _pipeline_runs(mlc: MlflowClient, name: str) -> list:
+    experiment = mlc.get_experiment_by_name(name)
+    return mlc.search_runs([experiment.experiment_id], f"tags.`{tracking.STAGE_TAG}` = 'pipeline'")
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_then_resumes_after_a_failure(tmp_path, toy_root, store, monkeypatch):
+    config = tiny_config(tmp_path, toy_root, "e2e")
+    real_export = export.run
+
+    def broken_export(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(export, "run", broken_export)
+    result = CliRunner().invoke(app, ["pipeline", "--config", str(config)])
+    assert result.exit_code != 0
+    mlc = MlflowClient(tracking.tracking_uri())
+    [failed] = _pipeline_runs(mlc, "e2e")
+    assert failed.info.status == "FAILED"
+    before = {name: run.info.run_id for name, run in _children(mlc, failed.info.run_id).items()}
+    assert set(before) == {"classify", "localize", "pseudolabel", "segment", "evaluate"}
+
+    monkeypatch.setattr(export, "run", real_export)
+    result = CliRunner().invoke(app, ["pipeline", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "reusing finished run" in result.output
+    [parent] = _pipeline_runs(mlc, "e2e")  # the same parent, resumed and now finished
+    assert parent.info.run_id == failed.info.run_id and parent.info.status == "FINISHED"
+    children = _children(mlc, parent.info.run_id)
+    assert sorted(children) == sorted(STEPS)
+    assert all(children[name].info.run_id == run_id for name, run_id in before.items())
+    for name, run in children.items():
+        assert run.info.status == "FINISHED", name
+        for path, count in ARTIFACTS[name]:
+            assert _artifact_count(mlc, run.info.run_id, path) >= count, (name, path)
+
+    m = {name: run.data.metrics for name, run in children.items()}
+    for name, key in [("localize", "maps/miou"), ("localize_cam", "maps/miou"), ("pseudolabel", "pseudo/miou"),
+                      ("pseudolabel_cam", "pseudo/miou"), ("evaluate", "miou"), ("evaluate_gt", "miou"),
+                      ("evaluate", "miou_nocrf"), ("pseudolabel", "pseudo/precision"),
+                      ("pseudolabel", "pseudo/recall")]:
+        assert 0.0 < m[name][key] <= 1.0, (name, key)
+    assert m["localize"]["maps/images"] == 48 and m["pseudolabel"]["pseudo/images"] == 48
+    assert 0.0 <= m["pseudolabel"]["pseudo/ignore_frac"] < 1.0
+    assert 0.0 < m["classify"]["val/mAP"] <= 1.0
+    lr = mlc.get_metric_history(children["classify"].info.run_id, "lr")
+    assert [p.step for p in lr] == list(range(2 * 12))  # every step of 2 epochs of 48 / 4 pairs
+    assert m["export"]["parity/max_abs_diff"] < 1e-3 and m["export"]["speed/ort_over_torch"] > 0
+    assert children["segment_gt"].data.tags["mcis.labels"] == "gt"
+    assert children["segment"].data.tags[tracking.SOURCE_TAG] == children["pseudolabel"].info.run_id
+    assert children["localize_cam"].data.params["localize.method"] == "cam"
+
+    summary = parent.data.metrics
+    assert summary["seg/miou"] == pytest.approx(m["evaluate"]["miou"])
+    assert summary["cam/maps_miou"] == pytest.approx(m["localize_cam"]["maps/miou"])
+    assert summary["ceiling/fraction"] == pytest.approx(m["evaluate"]["miou"] / m["evaluate_gt"]["miou"])
+    results = Path(mlc.download_artifacts(parent.info.run_id, "results.md", str(tmp_path)))
+    assert all(key in results.read_text() for _, key, _ in pipeline.result_rows({}))
+
+
+@pytest.mark.slow
+def test_ablation_trains_each_variant_per_seed_and_logs_the_spread(tmp_path, toy_root, store):
+    config = tiny_config(tmp_path, toy_root, "e2e-ablation", pipeline={"baselines": False})
+    result = CliRunner().invoke(app, ["pipeline", "--config", str(config), "--ablation"])
+    assert result.exit_code == 0, result.output
+    mlc = MlflowClient(tracking.tracking_uri())
+    [parent] = _pipeline_runs(mlc, "e2e-ablation")
+    children = _children(mlc, parent.info.run_id)
+    variants = [v.key for v in pipeline.ablation_variants(load_config(config))]
+    for key in variants:
+        for seed in (0, 1):
+            for stage in ("localize", "pseudolabel"):
+                run = children[f"ablation/{key}/seed{seed}/{stage}"]
+                assert run.data.tags[pipeline.ABLATION_TAG] == key and run.data.params["seed"] == str(seed)
+        assert 0 <= parent.data.metrics[f"ablation/{key}/maps_miou_std"] < 1
+    # one classifier per (classify section, seed); the method's own at seed 0 is the pipeline's
+    trained = sorted(k for k in children if k.endswith("/classify"))
+    assert trained == ["ablation/cam/seed0/classify", "ablation/cam/seed1/classify",
+                       "ablation/coatt/seed0/classify", "ablation/coatt/seed1/classify",
+                       "ablation/contrast/seed0/classify", "ablation/contrast/seed1/classify",
+                       "ablation/mcis_p1/seed1/classify"]
+    partners = {children[f"ablation/mcis_p{k}/seed1/localize"].data.tags[tracking.SOURCE_TAG] for k in (1, 3, 5)}
+    assert partners == {children["ablation/mcis_p1/seed1/classify"].info.run_id}
+    text = Path(mlc.download_artifacts(parent.info.run_id, "ablation.md", str(tmp_path))).read_text()
+    assert "plain CAM" in text and "5 partners" in text
+    assert _artifact_count(mlc, parent.info.run_id, "ablation.png") == 1
+
+
+def test_settings_2_and_3_report_their_gain_over_setting_1():
+    results = {"evaluate": StageResult("a", {"miou": 0.52}), "evaluate_gt": StageResult("b", {"miou": 0.65})}
+    rows = {key: value for _, key, value in pipeline.result_rows(results, {"seg/miou": 0.5}, "toy")}
+    assert rows["gain/seg_miou"] == pytest.approx(0.02) and rows["setting1/seg_miou"] == 0.5
+    assert rows["ceiling/fraction"] == pytest.approx(0.8) and rows["cam/maps_miou"] is None
+    missing = {key: value for _, key, value in pipeline.result_rows(results, {}, "toy")}
+    assert missing["gain/seg_miou"] is None  # no finished setting-1 pipeline yet
+    assert "gain/seg_miou" not in {key for _, key, _ in pipeline.result_rows(results)}
+
+
+@pytest.mark.parametrize("name", ["toy_extra", "toy_web"])
+def test_setting_configs_add_their_list_and_keep_the_budget_per_image(name):
+    base, cfg = load_config(REPO / "configs" / "toy.yaml"), load_config(REPO / "configs" / f"{name}.yaml")
+    extra = cfg.data.synth.n_extra + cfg.data.synth.n_web
+    assert cfg.data.extra_lists == [name.removeprefix("toy_")] and extra > 0
+    assert cfg.data.root != base.data.root  # its own tree, with the extra images
+    assert cfg.pipeline.compare_to == base.name
+    ratio = (base.data.synth.n_train + extra) / base.data.synth.n_train
+    assert cfg.segment.iters == round(base.segment.iters * ratio)
+    assert cfg.classify.epochs == base.classify.epochs
+    same = {k: v for k, v in cfg.flat().items() if not k.startswith(("data.", "segment.iters", "name", "pipeline."))}
+    assert same == {k: v for k, v in base.flat().items() if k in same}
