@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from mcis_cli.errors import McisError
@@ -31,29 +31,71 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def remove_partials(folder: str | Path) -> int:
+    """Delete the temporary files `atomic_path` left under `folder` when a process was killed
+    mid-write (never read: they have no final name). Call it only while holding the folder's lock."""
+    removed = 0
+    for path in Path(folder).rglob(".*.part*") if Path(folder).is_dir() else ():
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+_HELD: dict[str, int] = {}  # lock files this process holds, and how many times (re-entrant)
+
+
 @contextmanager
-def exclusive(folder: str | Path, what: str = "output") -> Iterator[None]:
-    """Hold a lock on `folder` so two commands never write the same outputs at once."""
+def exclusive(folder: str | Path, what: str = "output", name: str = ".mcis.lock",
+              subject: str | Path | None = None) -> Iterator[None]:
+    """Hold a lock on `folder` (or on `subject`, locked through `folder/name`) so two commands
+    never write the same outputs at once.
+
+    The lock is a POSIX record lock on `folder/name`: the kernel drops it when the process dies
+    (even by kill -9), so a stale lock file never blocks anyone, and unlike flock it is not
+    inherited by forked DataLoader workers that may outlive a killed parent for a moment.
+    Re-entrant within one process.
+    """
+    import errno
     import fcntl
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".mcis.lock", "a+")
+    key = str((folder / name).resolve())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    handle = open(folder / name, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            handle.close()
+            raise
         handle.seek(0)
         owner = handle.read().strip() or "another process"
         handle.close()
         raise McisError(
-            f"{folder} is in use by another mcis command ({owner}); wait for it to finish "
+            f"{subject or folder} is in use by another mcis command ({owner}); wait for it to finish "
             f"or choose another {what}"
         ) from None
+    _HELD[key] = 1
     try:
         handle.truncate(0)
         handle.write(f"pid {os.getpid()}")
         handle.flush()
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
+        del _HELD[key]
+        fcntl.lockf(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def exclusive_file(path: str | Path, what: str = "output") -> AbstractContextManager[None]:
+    """Lock one output file (or a folder that is replaced whole) by a hidden lock beside it."""
+    path = Path(path)
+    return exclusive(path.parent, what, name=f".{path.name}.lock", subject=path)
