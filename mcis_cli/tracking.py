@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlparse
 
 from mcis_cli.config import Config, load_config
 from mcis_cli.errors import McisError
-from mcis_cli.files import exclusive, remove_partials
+from mcis_cli.files import exclusive_file, remove_partials
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 STAGE_TAG = "mcis.stage"
@@ -419,7 +419,7 @@ def stage_run(
     """Open (or with `resume`, reopen) a run of `stage`; mark it FAILED/KILLED on error.
 
     The run records which process holds it open (PROCESS_TAG), and its local folder
-    output_dir/<run id> is locked while it is open (by output_dir/.locks/<run id>.lock).
+    output_dir/<run id> is locked while it is open (by output_dir/.<run id>.lock).
     First, every run of the experiment left RUNNING by a process that is gone (kill -9) is
     marked KILLED; `resume` refuses a run that a live process still holds.
     """
@@ -478,9 +478,8 @@ def stage_run(
 
 
 def run_lock(cfg: Config, run_id: str, what: str):
-    """The lock of a run's local folder, held while the run is open (beside it, not in it)."""
-    folder = Path(cfg.output_dir)
-    return exclusive(folder / ".locks", what, name=f"{run_id}.lock", subject=folder / run_id)
+    """The lock of a run's local folder, held while the run is open (a file beside it)."""
+    return exclusive_file(Path(cfg.output_dir) / run_id, what)
 
 
 def _check_not_open(mlc, run_id: str) -> None:
