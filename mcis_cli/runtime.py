@@ -36,8 +36,10 @@ def select_device(name: str) -> torch.device:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write atomically, through a Python file so that a full disk is an OSError naming `path`
+    (torch's own writer would raise a RuntimeError without the reason)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
