@@ -112,6 +112,11 @@ def record(stage: str, at: str, **outcome: Any) -> None:
             handle.write(json.dumps({"stage": stage, "at": at, "seed": SEED, **outcome}) + "\n")
 
 
+def finals(folder: Path, pattern: str) -> list[Path]:
+    """Files under their final names (pathlib's glob also matches the hidden temporary ones)."""
+    return sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
+
+
 def one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
     """The command failed with one `error:` line holding every needle, and no traceback."""
     text = done.stdout + done.stderr
