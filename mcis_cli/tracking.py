@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlparse
 
 from mcis_cli.config import Config, load_config
 from mcis_cli.errors import McisError
-from mcis_cli.files import exclusive_file, remove_partials
+from mcis_cli.files import atomic_path, exclusive_file, remove_partials
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 STAGE_TAG = "mcis.stage"
@@ -39,6 +39,7 @@ PROCESS_TAG = "mcis.process"  # "<host>:<pid>:<start>" of the process that has t
 END_TAG = "mcis.end_reason"  # why a run was closed by someone else than its own process
 WAIT_ENV = "MCIS_TRACKING_WAIT"  # seconds a file upload waits for a server that went away
 DEFAULT_WAIT = 600.0
+UNSENT = "unsent-metrics.jsonl"  # in the run's folder: metrics a failed run could not send
 
 
 def tracking_uri(cfg: Config | None = None) -> str:
@@ -229,6 +230,7 @@ class Tracker:
         self.flush_every = flush_every
         self.uri = uri
         self._buffer: list[Any] = []
+        self._spilled: Path | None = None  # a file of unsent metrics, now in the buffer
         self._warned = False
         self._retry_at = 0.0  # monotonic time before which log_metrics does not try to send
 
@@ -261,10 +263,34 @@ class Tracker:
                 self._retry_at = time.monotonic() + RETRY_SECONDS
                 return False
             del self._buffer[: len(chunk)]
+        if self._spilled is not None:
+            self._spilled.unlink(missing_ok=True)
+            self._spilled = None
         if self._warned:
             print("tracking server is back: buffered metrics sent", file=sys.stderr)
             self._warned = False
         return True
+
+    def spill(self, path: Path) -> int:
+        """Write the metrics that could not be sent to `path`, for a resume of the run to send."""
+        if not self._buffer:
+            return 0
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps([m.key, m.value, m.timestamp, m.step]) + "\n"
+                                   for m in self._buffer))
+        return len(self._buffer)
+
+    def replay(self, path: Path) -> int:
+        """Queue the metrics an earlier process of this run spilled; the file goes once they are sent."""
+        from mlflow.entities import Metric
+
+        if not path.is_file():
+            return 0
+        lines = path.read_text().splitlines()
+        self._buffer[:0] = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in map(json.loads, lines)]
+        self._spilled = path
+        self.flush()
+        return len(lines)
 
     def _send(self, what: str, call, *args, **kwargs):
         """One client call. While a tracking server is away it is retried until the server is
@@ -310,6 +336,9 @@ class Tracker:
             self._send(f"tag {key}", self.client.set_tag, self.run_id, key, str(value))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file; the metrics logged so far are sent first, so that a run killed after a
+        checkpoint has every metric of the steps that its resume will not redo."""
+        self.flush()
         self._send(Path(path).name, self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
@@ -459,14 +488,23 @@ def stage_run(
             run = mlc.create_run(exp, tags=tags, run_name=run_name or stage)
             run_id = run.info.run_id
         tracker = Tracker(mlc, run_id, cfg.tracking.flush_every, uri)
+        unsent = Path(cfg.output_dir) / run_id / UNSENT
         try:
-            if not resume:  # a fresh run's folder: only unwritable storage can make this fail
+            if resume:
+                tracker.replay(unsent)
+            else:  # a fresh run's folder: only unwritable storage can make this fail
                 stack.enter_context(run_lock(cfg, run_id, "output_dir"))
                 tracker.log_params(cfg.flat())
                 tracker.log_text(cfg.to_yaml(), "config.yaml")
             yield tracker
         except BaseException as exc:
-            tracker.flush()
+            if not tracker.flush():
+                try:
+                    if tracker.spill(unsent):
+                        print(f"note: {len(tracker._buffer)} metrics that could not be sent are kept "
+                              f"in {unsent}; a --resume of the run sends them", file=sys.stderr)
+                except OSError:
+                    pass
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             try:
                 mlc.set_terminated(run_id, status=status)
