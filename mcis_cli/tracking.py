@@ -597,8 +597,10 @@ class SourceRun:
 
     def has(self, artifact_path: str) -> bool:
         """Whether the run holds the artifact file `artifact_path` (nothing is downloaded)."""
-        parent = str(Path(artifact_path).parent)
-        listed = client().list_artifacts(self.run_id, None if parent == "." else parent)
+        from mlflow.tracking import MlflowClient
+
+        parent = str(Path(artifact_path).parent)  # the store `resolve_run` set, as `fetch` uses
+        listed = MlflowClient().list_artifacts(self.run_id, None if parent == "." else parent)
         return any(item.path == artifact_path and not item.is_dir for item in listed)
 
     def config(self) -> Config:
