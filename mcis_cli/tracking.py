@@ -155,11 +155,20 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
     return fields[0], fields[19]
 
 
+def _machine() -> str:
+    """The host name, plus the pid namespace where there is one: containers sharing a host name
+    still see different processes under one pid, so each namespace counts as a machine."""
+    try:
+        return f"{socket.gethostname()}#{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
 def process_identity(pid: int | None = None) -> str:
-    """This process as `<host>:<pid>:<start time>`: the start time tells a reused pid apart."""
+    """This process as `<machine>:<pid>:<start time>`: the start time tells a reused pid apart."""
     pid = pid or os.getpid()
     stat = _proc_stat(pid)
-    return f"{socket.gethostname()}:{pid}:{stat[1] if stat else ''}"
+    return f"{_machine()}:{pid}:{stat[1] if stat else ''}"
 
 
 def process_alive(identity: str) -> bool | None:
@@ -169,7 +178,7 @@ def process_alive(identity: str) -> bool | None:
         pid = int(pid_text)
     except ValueError:
         return None
-    if host != socket.gethostname():
+    if host != _machine():
         return None
     stat = _proc_stat(pid)
     if stat is None or stat[0] in ("Z", "X"):  # gone, or a zombie nobody has reaped yet
