@@ -18,6 +18,8 @@ from mcis_cli import tracking
 from mcis_cli.runtime import load_checkpoint
 from tests.reliability import procs
 
+pytestmark = pytest.mark.slow  # real processes, two to five per test: 20-60 s each
+
 
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory) -> str:
@@ -44,17 +46,18 @@ def _logged_step(uri: str, experiment: str, metric: str, step: int) -> str | Non
 
 
 def kill_resume_compare(tmp: Path, uri: str, stage: str, config: Path, extra: list[str],
-                        metric: str, total: int, weights) -> dict:
-    """Kill `stage` at a random step, run the reference, resume the victim; return the facts."""
+                        metric: str, window: tuple[int, int], total: int, weights) -> dict:
+    """Kill `stage` at a random step of `window`, run the reference, resume the victim."""
     experiment = tmp.name
     environ = procs.env(uri)
-    step = procs.kill_point(f"{stage}:{experiment}", 0, total - 3)  # two steps of margin
+    step = procs.kill_point(f"{stage}:{experiment}", *window)
     log = tmp / "victim.log"
     victim = procs.start([stage, "--config", config, *extra], tmp, environ, log)
     run_id = procs.wait_until(lambda: _logged_step(uri, experiment, metric, step), victim, log,
                               f"step {step} of {stage}")
     assert victim.poll() is None, "the victim finished before the kill"
     procs.kill(victim)
+    had_checkpoint = (tmp / "runs" / run_id / "checkpoints" / "last.pt").is_file()
     mlc = MlflowClient(uri)
     assert mlc.get_run(run_id).info.status == "RUNNING"  # nobody could close it: the process is gone
 
@@ -76,12 +79,19 @@ def kill_resume_compare(tmp: Path, uri: str, stage: str, config: Path, extra: li
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"killed at step {step}: resumed weights differ in {different[:3]}"
     assert not list((tmp / "runs" / run_id).rglob(".*.part*")), "temporary files left behind"
-    procs.record(stage, f"step {step} of {total}", resumed=True, weights_equal=True, lost="nothing")
+    procs.record(stage, f"after step {step} of {total} was logged", from_checkpoint=had_checkpoint,
+                 resumed=True, weights_equal=True, lost="nothing")
     return {"step": step, "run_id": run_id}
 
 
-def test_kill_classify_then_resume_gives_the_uninterrupted_weights(toy_root, tmp_path, uri):
-    """3 epochs of 3 steps; the victim dies at a random step, maybe before its first checkpoint."""
+# a kill before the first checkpoint (resume starts over) and one after it (resume continues)
+CLASSIFY_WINDOWS = {"first-epoch": (0, 1), "later": (3, 6)}  # checkpoints after steps 2, 5, 8
+SEGMENT_WINDOWS = {"before-checkpoint": (0, 2), "later": (5, 21)}  # checkpoints at 5, 10, 15, 20
+
+
+@pytest.mark.parametrize("window", CLASSIFY_WINDOWS)
+def test_kill_classify_then_resume_gives_the_uninterrupted_weights(toy_root, tmp_path, uri, window):
+    """3 epochs of 3 steps; the victim dies at a random step of the window."""
     config = procs.write_config(
         tmp_path / "classify.yaml", name=tmp_path.name, seed=0, deterministic=True, device="cpu",
         output_dir="runs", **{
@@ -92,11 +102,12 @@ def test_kill_classify_then_resume_gives_the_uninterrupted_weights(toy_root, tmp
             "classify.log_every": 1, "tracking.flush_every": 1,
         })
     kill_resume_compare(
-        tmp_path, uri, "classify", config, [], "loss/total", 9,
+        tmp_path, uri, "classify", config, [], "loss/total", CLASSIFY_WINDOWS[window], 9,
         lambda folder: load_checkpoint(folder / "checkpoints" / "last.pt")["model"])
 
 
-def test_kill_segment_then_resume_gives_the_uninterrupted_weights(toy_root, tmp_path, uri):
+@pytest.mark.parametrize("window", SEGMENT_WINDOWS)
+def test_kill_segment_then_resume_gives_the_uninterrupted_weights(toy_root, tmp_path, uri, window):
     """24 iterations, a checkpoint every 5, dropout on, one DataLoader worker (killed with it)."""
     config = procs.write_config(
         tmp_path / "segment.yaml", name=tmp_path.name, seed=0, deterministic=True, device="cpu",
@@ -107,5 +118,5 @@ def test_kill_segment_then_resume_gives_the_uninterrupted_weights(toy_root, tmp_
             "segment.val_every": 0, "segment.checkpoint_every": 5, "tracking.flush_every": 1,
         })
     kill_resume_compare(
-        tmp_path, uri, "segment", config, ["--labels", "gt"], "loss", 24,
+        tmp_path, uri, "segment", config, ["--labels", "gt"], "loss", SEGMENT_WINDOWS[window], 24,
         lambda folder: load_checkpoint(folder / "checkpoints" / "model.pt")["state_dict"])
