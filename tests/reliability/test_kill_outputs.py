@@ -27,6 +27,8 @@ from mcis_cli.stages.localize import load_maps
 from mcis_cli.stages.predict import open_session, read_metadata
 from tests.reliability import procs
 
+pytestmark = pytest.mark.slow  # real processes, two to five per test: 20-60 s each
+
 N_TRAIN, N_VAL = 96, 48
 
 
