@@ -26,27 +26,27 @@ from tests.reliability import procs
 mlflow_server = servers.mlflow_server  # module-scoped fixtures
 sqlite_template = servers.sqlite_template
 
-ITERS, EVERY = 30, 10
+ITERS, EVERY = 32, 8  # metrics are sent at each checkpoint (flush_every is out of reach)
 
 
 def _config(tmp: Path, toy_root: Path) -> Path:
     return procs.write_config(
         tmp / "segment.yaml", name=tmp.name, device="cpu", output_dir="runs", **{
             "data.root": str(toy_root), "data.workers": 0, "segment.width": 0.125,
-            "segment.pretrained": False, "segment.batch_size": 2, "segment.crop": 33,
+            "segment.pretrained": False, "segment.batch_size": 4, "segment.crop": 41,
             "segment.iters": ITERS, "segment.log_every": 1, "segment.val_every": 0,
-            "segment.checkpoint_every": EVERY, "tracking.flush_every": 7,
+            "segment.checkpoint_every": EVERY, "tracking.flush_every": 100_000,
         })
 
 
 def _start_and_stop_the_server(server, tmp: Path, config: Path, wait: str):
-    """Start segment, stop the server once the store shows a seeded step before the first
-    checkpoint (the training is frozen meanwhile, so that the next steps all meet a server that
-    is gone); returns (process, log, run id, the step, the environment)."""
+    """Start segment; once the store shows the metrics of a seeded checkpoint, freeze the
+    training, stop the server and let the training go on: the steps up to the next checkpoint
+    all meet a server that is gone. Returns (process, log, run id, the step, the environment)."""
     environ = procs.env(server.uri, **{tracking.WAIT_ENV: wait})
     log = tmp / "segment.log"
     proc = procs.start(["segment", "--config", config, "--labels", "gt"], tmp, environ, log)
-    step = procs.kill_point(f"outage:{tmp.name}", 1, EVERY - 4)
+    step = procs.kill_point(f"outage:{tmp.name}", 1, ITERS // EVERY - 2) * EVERY - 1
     mlc = MlflowClient(server.uri)
 
     def reached():
@@ -75,7 +75,7 @@ def test_training_goes_on_and_the_buffer_is_sent_when_the_server_is_back(mlflow_
     proc, log, run_id, step, _ = _start_and_stop_the_server(mlflow_server, tmp_path, config, "300")
     try:
         # the server is down: training still reaches its first checkpoint, past the stop
-        procs.wait_until(lambda: _checkpoint_iteration(tmp_path, run_id) >= EVERY, proc, log,
+        procs.wait_until(lambda: _checkpoint_iteration(tmp_path, run_id) > step + 1, proc, log,
                          "a checkpoint while the server is down")
         time.sleep(3)
         assert proc.poll() is None, f"the run gave up while the server was down:\n{procs.tail(log)}"
