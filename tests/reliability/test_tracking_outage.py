@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mcis_cli import tracking
+from mcis_cli.errors import McisError
 from mcis_cli.runtime import load_checkpoint
 from tests import servers
 from tests.reliability import procs
@@ -39,29 +40,52 @@ def _config(tmp: Path, toy_root: Path) -> Path:
         })
 
 
+def _uploaded_iteration(server, run_id: str) -> int:
+    """The iteration of the last.pt the server holds for the run (read from its artifact store)."""
+    for path in (server.cwd / "mlartifacts").glob(f"*/{run_id}/artifacts/checkpoints/last.pt"):
+        try:
+            return load_checkpoint(path)["iteration"]
+        except McisError:  # being written
+            return 0
+    return 0
+
+
 def _start_and_stop_the_server(server, tmp: Path, config: Path, wait: str):
-    """Start segment; once the store shows the metrics of a seeded checkpoint, freeze the
-    training, stop the server and let the training go on: the steps up to the next checkpoint
-    all meet a server that is gone. Returns (process, log, run id, the step, the environment)."""
+    """Start segment; once the server holds a seeded checkpoint, freeze the training, stop the
+    server and let the training go on, so that every step up to the next checkpoint meets a
+    server that is gone. Frozen between a checkpoint's upload and the next one's metrics (checked
+    on the server's own files), the run always has metrics to buffer. Returns (process, log,
+    run id, the checkpoint iteration, the environment)."""
     environ = procs.env(server.uri, **{tracking.WAIT_ENV: wait})
     log = tmp / "segment.log"
     proc = procs.start(["segment", "--config", config, "--labels", "gt"], tmp, environ, log)
-    step = procs.kill_point(f"outage:{tmp.name}", 1, ITERS // EVERY - 2) * EVERY - 1
     mlc = MlflowClient(server.uri)
 
-    def reached():
+    def run_id():
         found = mlc.get_experiment_by_name(tmp.name)
         runs = mlc.search_runs([found.experiment_id]) if found else []
-        history = mlc.get_metric_history(runs[0].info.run_id, "loss") if runs else []
-        return any(m.step >= step for m in history) and runs[0].info.run_id
+        return runs[0].info.run_id if runs else None
 
-    run_id = procs.wait_until(reached, proc, log, f"step {step} on the server")
-    os.killpg(proc.pid, signal.SIGSTOP)  # no step passes while the server shuts down
+    def last_step(run: str) -> int:
+        return max((m.step for m in mlc.get_metric_history(run, "loss")), default=-1)
+
+    run = procs.wait_until(run_id, proc, log, "the run")
+    checkpoint = procs.kill_point(f"outage:{tmp.name}", 1, ITERS // EVERY - 2) * EVERY
+    while True:
+        procs.wait_until(lambda c=checkpoint: _uploaded_iteration(server, run) >= c, proc, log,
+                         f"the upload of checkpoint {checkpoint}", poll=0.01)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        uploaded = _uploaded_iteration(server, run)
+        if last_step(run) < uploaded + EVERY - 1:  # the next checkpoint's metrics are not sent yet
+            break
+        os.killpg(proc.pid, signal.SIGCONT)  # the poll was late: take the next checkpoint
+        checkpoint = uploaded + EVERY
+        assert checkpoint < ITERS, "the training outran the test"
     try:
         server.stop()
     finally:
         os.killpg(proc.pid, signal.SIGCONT)
-    return proc, log, run_id, step, environ
+    return proc, log, run, uploaded, environ
 
 
 def _checkpoint_iteration(tmp: Path, run_id: str) -> int:
@@ -75,7 +99,7 @@ def test_training_goes_on_and_the_buffer_is_sent_when_the_server_is_back(mlflow_
     proc, log, run_id, step, _ = _start_and_stop_the_server(mlflow_server, tmp_path, config, "300")
     try:
         # the server is down: training still reaches its first checkpoint, past the stop
-        procs.wait_until(lambda: _checkpoint_iteration(tmp_path, run_id) > step + 1, proc, log,
+        procs.wait_until(lambda: _checkpoint_iteration(tmp_path, run_id) > step, proc, log,
                          "a checkpoint while the server is down")
         time.sleep(3)
         assert proc.poll() is None, f"the run gave up while the server was down:\n{procs.tail(log)}"
@@ -89,7 +113,7 @@ def test_training_goes_on_and_the_buffer_is_sent_when_the_server_is_back(mlflow_
     steps = [m.step for m in mlc.get_metric_history(run_id, "loss")]
     assert sorted(steps) == list(range(ITERS)), "metrics were lost or sent twice"
     assert {a.path for a in mlc.list_artifacts(run_id, "checkpoints")} >= {"checkpoints/model.pt"}
-    procs.record("segment (server outage)", f"server stopped after step {step}", resumed=False,
+    procs.record("segment (server outage)", f"server stopped after checkpoint {step}", resumed=False,
                  lost="nothing")
 
 
@@ -120,5 +144,5 @@ def test_a_server_that_stays_away_stops_the_run_in_one_line_and_resume_loses_not
     steps = sorted({m.step for m in mlc.get_metric_history(run_id, "loss")})
     assert steps == list(range(ITERS)), "metrics of the outage were lost"
     assert not (tmp_path / "runs" / run_id / tracking.UNSENT).exists()
-    procs.record("segment (server gone)", f"server stopped after step {step}", resumed=True,
+    procs.record("segment (server gone)", f"server stopped after checkpoint {step}", resumed=True,
                  lost="nothing")
