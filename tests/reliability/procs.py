@@ -28,6 +28,21 @@ SEED = int(os.environ.get("MCIS_KILL_SEED", "0"))
 TIMEOUT = 240.0  # s for one command on two busy cores
 
 
+def new_store(folder: Path) -> str:
+    """A migrated sqlite store in `folder`; its URI. Created from inside `folder`, because MLflow
+    keeps one store object per URI whose artifact root is ./mlruns of where it was created."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        MlflowClient(uri).search_experiments()
+    finally:
+        os.chdir(here)
+    return uri
+
+
 def write_config(path: Path, **values: Any) -> Path:
     """A complete config file: the defaults with `values` (dotted keys) set."""
     tree = Config().model_dump(mode="json")

@@ -29,9 +29,7 @@ from tests.reliability.test_inputs import tiny_model
 
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("concurrency-store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return f"sqlite:///{path}"
+    return procs.new_store(tmp_path_factory.mktemp("concurrency-store"))
 
 
 def _freeze_when(path_ready, proc, log, what: str) -> None:

@@ -178,10 +178,14 @@ def test_kill_export_never_leaves_a_torn_model(chain):
     window = time.monotonic() - staged_at
     mtime = out.stat().st_mtime_ns
     delay = random.Random(f"{procs.SEED}:export").uniform(0.0, 0.8 * window)
-    victim = procs.start(args, chain.tmp, chain.env, log)
-    procs.wait_until(lambda: _staging(out), victim, log, "the export's staging folder", poll=0.01)
-    time.sleep(delay)
-    assert victim.poll() is None, f"export finished within {delay:.2f} s of staging"
+    for _ in range(4):  # an export faster than the first one is a complete export: try again, sooner
+        victim = procs.start(args, chain.tmp, chain.env, log)
+        procs.wait_until(lambda: _staging(out), victim, log, "the export's staging folder", poll=0.01)
+        time.sleep(delay)
+        if victim.poll() is None:
+            break
+        delay /= 2
+    assert victim.poll() is None, f"every export finished within {delay:.2f} s of staging"
     procs.kill(victim)
     # the served model is the old one or a complete new one, never a torn one
     open_session(out, "cpu")

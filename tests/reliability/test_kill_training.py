@@ -24,10 +24,7 @@ pytestmark = pytest.mark.slow  # real processes, two to five per test: 20-60 s e
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory) -> str:
     """One store for the module, created (migrated) once by this process."""
-    path = tmp_path_factory.mktemp("kill-store") / "mlflow.db"
-    uri = f"sqlite:///{path}"
-    MlflowClient(uri).search_experiments()
-    return uri
+    return procs.new_store(tmp_path_factory.mktemp("kill-store"))
 
 
 def _runs(uri: str, experiment: str) -> list:
@@ -85,8 +82,9 @@ def kill_resume_compare(tmp: Path, uri: str, stage: str, config: Path, extra: li
 
 
 # a kill before the first checkpoint (resume starts over) and one after it (resume continues)
-CLASSIFY_WINDOWS = {"first-epoch": (0, 1), "later": (3, 6)}  # checkpoints after steps 2, 5, 8
-SEGMENT_WINDOWS = {"before-checkpoint": (0, 2), "later": (5, 21)}  # checkpoints at 5, 10, 15, 20
+# (the last steps are left out: a poll that lags on two busy cores must still find the run alive)
+CLASSIFY_WINDOWS = {"first-epoch": (0, 1), "later": (3, 5)}  # checkpoints after steps 2, 5, 8
+SEGMENT_WINDOWS = {"before-checkpoint": (0, 2), "later": (5, 17)}  # checkpoints at 5, 10, 15, 20
 
 
 @pytest.mark.parametrize("window", CLASSIFY_WINDOWS)

@@ -20,9 +20,7 @@ from tests.reliability import procs
 
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("nonfinite-store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return f"sqlite:///{path}"
+    return procs.new_store(tmp_path_factory.mktemp("nonfinite-store"))
 
 
 def _tensors(value):

@@ -26,9 +26,9 @@ LIMIT = 1_500_000  # bytes: above the store's 1 MB, below the checkpoint
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("storage-store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+    folder = tmp_path_factory.mktemp("storage-store")
+    procs.new_store(folder)
+    return folder / "mlflow.db"
 
 
 def _mount(folder: Path, *options: str) -> str | None:
