@@ -49,9 +49,9 @@ def friendly(command):
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as exc:  # disk full, unwritable folder, ...: name the file, no traceback
-            where = f" {exc.filename}" if exc.filename else ""
-            err.print(f"[bold red]error:[/] cannot access{where}: {exc.strerror or exc}",
-                      highlight=False, soft_wrap=True)
+            from mcis_cli.files import describe_os_error
+
+            err.print(f"[bold red]error:[/] {describe_os_error(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
@@ -108,11 +108,13 @@ def data_synth(
 ) -> None:
     """Write the embedded dataset: deterministic for a seed."""
     from mcis_cli.data import synth
+    from mcis_cli.files import exclusive_file
 
-    report = synth.write(
-        out_dir, seed=seed, n_train=n_train, n_val=n_val, size=size, n_extra=n_extra,
-        n_web=n_web, force=force,
-    )
+    with exclusive_file(out_dir, "--out folder"):
+        report = synth.write(
+            out_dir, seed=seed, n_train=n_train, n_val=n_val, size=size, n_extra=n_extra,
+            n_web=n_web, force=force,
+        )
     out.print(f"wrote {report['images']} images to {out_dir}")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mcis_cli.errors import McisError
 
@@ -40,6 +40,30 @@ class DataCfg(Section):
     extra_lists: list[str] = Field(default_factory=list)  # `<file> <class>` lists, settings 2/3
     workers: int = Field(2, ge=0)
     synth: SynthCfg | None = None  # set for the embedded dataset only
+
+    @field_validator("train_list", "val_list")
+    @classmethod
+    def _bare_list_name(cls, value: str) -> str:
+        return bare_name(value)
+
+    @field_validator("extra_lists")
+    @classmethod
+    def _bare_list_names(cls, value: list[str]) -> list[str]:
+        return [bare_name(v) for v in value]
+
+    @field_validator("saliency_dir")
+    @classmethod
+    def _inside_root(cls, value: str | None) -> str | None:
+        if value is not None and (not value or Path(value).is_absolute() or ".." in Path(value).parts):
+            raise ValueError("must be a folder inside data.root, given relative to it, without '..'")
+        return value
+
+
+def bare_name(value: str) -> str:
+    """A list name is a file stem in ImageSets/Segmentation: no folder part, so no way out of the root."""
+    if not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+        raise ValueError("must be the bare name of a list in ImageSets/Segmentation (no '/' or '..')")
+    return value
 
 
 class LossWeights(Section):

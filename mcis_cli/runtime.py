@@ -36,8 +36,21 @@ def select_device(name: str) -> torch.device:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write atomically; a failed write (full disk, ...) is an OSError naming `path`.
+
+    torch.save turns the OSError of a failed write into a RuntimeError of its zip writer; the
+    write goes through a Python file so that the OSError, with its errno, is kept as the context.
+    """
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(state, handle)
+    except RuntimeError as exc:
+        cause = exc.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

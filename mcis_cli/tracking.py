@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,18 @@ from urllib.parse import unquote, urlparse
 
 from mcis_cli.config import Config, load_config
 from mcis_cli.errors import McisError
+from mcis_cli.files import atomic_path, exclusive_file, remove_partials
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 STAGE_TAG = "mcis.stage"
 SOURCE_TAG = "mcis.source_run"
 MAX_BUFFER = 100_000  # metrics kept while a server is away
 RETRY_SECONDS = 30.0  # after a failed flush, steps only buffer until this much time has passed
+PROCESS_TAG = "mcis.process"  # "<host>:<pid>:<start>" of the process that has the run open
+END_TAG = "mcis.end_reason"  # why a run was closed by someone else than its own process
+WAIT_ENV = "MCIS_TRACKING_WAIT"  # seconds a file upload waits for a server that went away
+DEFAULT_WAIT = 600.0
+UNSENT = "unsent-metrics.jsonl"  # in the run's folder: metrics a failed run could not send
 
 
 def tracking_uri(cfg: Config | None = None) -> str:
@@ -130,14 +137,109 @@ def dataset_fingerprint(root: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks) of process `pid` from /proc; None if there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:  # no /proc (macOS): existence only
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "R", ""
+    fields = text.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    return fields[0], fields[19]
+
+
+def _machine() -> str:
+    """The host name, plus the pid namespace where there is one: containers sharing a host name
+    still see different processes under one pid, so each namespace counts as a machine."""
+    try:
+        return f"{socket.gethostname()}#{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
+def process_identity(pid: int | None = None) -> str:
+    """This process as `<machine>:<pid>:<start time>`: the start time tells a reused pid apart."""
+    pid = pid or os.getpid()
+    stat = _proc_stat(pid)
+    return f"{_machine()}:{pid}:{stat[1] if stat else ''}"
+
+
+def process_alive(identity: str) -> bool | None:
+    """Whether the process named by `process_identity` still runs; None if it ran on another host."""
+    try:
+        host, pid_text, start = identity.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return None
+    if host != _machine():
+        return None
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X"):  # gone, or a zombie nobody has reaped yet
+        return False
+    return not (start and stat[1] and stat[1] != start)
+
+
+def close_dead_runs(mlc, experiment: str) -> list[str]:
+    """Mark KILLED every RUNNING run of `experiment` whose process (on this host) is gone.
+
+    A process killed with SIGKILL, or a machine that lost power, cannot close its run; the next
+    mcis command that opens a run in the same experiment does it. Runs whose process ran on
+    another host are left alone: their state cannot be known from here.
+    """
+    closed = []
+    for run in mlc.search_runs([experiment], "attributes.status = 'RUNNING'", max_results=1000):
+        identity = run.data.tags.get(PROCESS_TAG, "")
+        if not identity or process_alive(identity) is not False:
+            continue
+        run_id = run.info.run_id
+        pid = identity.rsplit(":", 2)[1]
+        reason = (f"process {pid} on {socket.gethostname()} ended without closing the run "
+                  f"(killed or crashed); marked KILLED by process {os.getpid()} at "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        mlc.set_tag(run_id, END_TAG, reason)
+        mlc.set_terminated(run_id, status="KILLED")
+        stage = run.data.tags.get(STAGE_TAG, "?")
+        print(f"note: {stage} run {run_id} was left RUNNING by process {pid}, which is gone: "
+              "marked KILLED", file=sys.stderr)
+        closed.append(run_id)
+    return closed
+
+
+def _server_down(uri: str) -> bool:
+    """True when `uri` is a tracking server that does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return False
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as reply:
+            return reply.status != 200
+    except (urllib.error.URLError, OSError):
+        return True
+
+
+def wait_seconds() -> float:
+    try:
+        return float(os.environ.get(WAIT_ENV, DEFAULT_WAIT))
+    except ValueError:
+        raise McisError(f"{WAIT_ENV} must be a number of seconds, got {os.environ[WAIT_ENV]!r}") from None
+
+
 class Tracker:
     """Logging handle for one MLflow run."""
 
-    def __init__(self, mlc, run_id: str, flush_every: int = 50):
+    def __init__(self, mlc, run_id: str, flush_every: int = 50, uri: str | None = None):
         self.client = mlc
         self.run_id = run_id
         self.flush_every = flush_every
+        self.uri = uri
         self._buffer: list[Any] = []
+        self._spilled: Path | None = None  # a file of unsent metrics, now in the buffer
         self._warned = False
         self._retry_at = 0.0  # monotonic time before which log_metrics does not try to send
 
@@ -170,39 +272,95 @@ class Tracker:
                 self._retry_at = time.monotonic() + RETRY_SECONDS
                 return False
             del self._buffer[: len(chunk)]
+        if self._spilled is not None:
+            self._spilled.unlink(missing_ok=True)
+            self._spilled = None
         if self._warned:
             print("tracking server is back: buffered metrics sent", file=sys.stderr)
             self._warned = False
         return True
+
+    def spill(self, path: Path) -> int:
+        """Write the metrics that could not be sent to `path`, for a resume of the run to send."""
+        if not self._buffer:
+            return 0
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps([m.key, m.value, m.timestamp, m.step]) + "\n"
+                                   for m in self._buffer))
+        return len(self._buffer)
+
+    def replay(self, path: Path) -> int:
+        """Queue the metrics an earlier process of this run spilled; the file goes once they are sent."""
+        from mlflow.entities import Metric
+
+        if not path.is_file():
+            return 0
+        lines = path.read_text().splitlines()
+        self._buffer[:0] = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in map(json.loads, lines)]
+        self._spilled = path
+        self.flush()
+        return len(lines)
+
+    def _send(self, what: str, call, *args, **kwargs):
+        """One client call. While a tracking server is away it is retried until the server is
+        back or MCIS_TRACKING_WAIT seconds have passed; then a one-line error (local files stay)."""
+        deadline = None
+        while True:
+            try:
+                result = call(*args, **kwargs)
+            except McisError:
+                raise
+            except Exception:  # noqa: BLE001 - a transport error if the server fails its health check
+                if not (self.uri and _server_down(self.uri)):
+                    raise
+                wait = wait_seconds()
+                if deadline is None:
+                    deadline = time.monotonic() + wait
+                    print(f"warning: tracking server {self.uri} not answering while logging {what}; "
+                          f"waiting up to {wait:.0f} s for it to come back ({WAIT_ENV})", file=sys.stderr)
+                if time.monotonic() >= deadline:
+                    raise McisError(
+                        f"tracking server {self.uri} did not answer for {wait:.0f} s while logging "
+                        f"{what} of run {self.run_id}; the local outputs are kept: once it is back, "
+                        f"start the command again (classify and segment: --resume {self.run_id})"
+                    ) from None
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+                continue
+            if deadline is not None:
+                print(f"tracking server is back: {what} logged", file=sys.stderr)
+            return result
 
     # params, tags, artifacts ---------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()]
-        existing = self.client.get_run(self.run_id).data.params
+        existing = self._send("params", self.client.get_run, self.run_id).data.params
         items = [p for p in items if p.key not in existing]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self._send("params", self.client.log_batch, self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self._send(f"tag {key}", self.client.set_tag, self.run_id, key, str(value))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Upload a file; the metrics logged so far are sent first, so that a run killed after a
+        checkpoint has every metric of the steps that its resume will not redo."""
+        self.flush()
+        self._send(Path(path).name, self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        self._send(f"{Path(folder).name}/", self.client.log_artifacts, self.run_id, str(folder), artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._send(name, self.client.log_text, self.run_id, text, name)
 
     def log_dict(self, data: dict, name: str) -> None:
-        self.client.log_dict(self.run_id, data, name)
+        self._send(name, self.client.log_dict, self.run_id, data, name)
 
     def log_figure(self, figure, name: str) -> None:
-        self.client.log_figure(self.run_id, figure, name)
+        self._send(name, self.client.log_figure, self.run_id, figure, name)
 
     def log_image(self, image, name: str) -> None:
         """`image`: an HxW(x3) uint8 array or a PIL image, saved as `name`.png."""
@@ -213,7 +371,8 @@ class Tracker:
             path = Path(tmp) / (Path(name).name + ".png")
             pil.save(path)
             folder = str(Path(name).parent)
-            self.client.log_artifact(self.run_id, str(path), None if folder == "." else folder)
+            self._send(path.name, self.client.log_artifact, self.run_id, str(path),
+                       None if folder == "." else folder)
 
     def log_onnx_model(self, model_proto, name: str, input_example, registered_name: str | None):
         """Log an ONNX model with a signature whose batch, height and width stay dynamic."""
@@ -295,50 +454,104 @@ def stage_run(
     run_name: str | None = None,
     enabled: bool = True,
 ) -> Iterator[Tracker]:
-    """Open (or with `resume`, reopen) a run of `stage`; mark it FAILED/KILLED on error."""
+    """Open (or with `resume`, reopen) a run of `stage`; mark it FAILED/KILLED on error.
+
+    The run records which process holds it open (PROCESS_TAG), and its local folder
+    output_dir/<run id> is locked while it is open (by output_dir/.<run id>.lock).
+    First, every run of the experiment left RUNNING by a process that is gone (kill -9) is
+    marked KILLED; `resume` refuses a run that a live process still holds.
+    """
     if not enabled:
         yield NullTracker(resume or "")
         return
     mlc = client(cfg)
-    if resume:
-        existing = _get_run(mlc, resume, cfg)
-        if existing.data.tags.get(STAGE_TAG) != stage:
-            raise McisError(
-                f"--resume {resume} is a {existing.data.tags.get(STAGE_TAG)!r} run, not a {stage!r} run"
-            )
-        run_id = resume
-        mlc.update_run(run_id, status="RUNNING")
-    else:
-        tags = {
-            STAGE_TAG: stage,
-            SOURCE_TAG: source_run or "",
-            "mcis.dataset": cfg.data.root,
-            "mcis.dataset_fingerprint": dataset_fingerprint(cfg.data.root),
-            "mlflow.source.git.commit": git_commit(),
-            "mlflow.source.name": "mcis " + stage,
-        }
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-        run = mlc.create_run(experiment_id(mlc, cfg), tags=tags, run_name=run_name or stage)
-        run_id = run.info.run_id
-    tracker = Tracker(mlc, run_id, cfg.tracking.flush_every)
-    try:
-        if not resume:
-            tracker.log_params(cfg.flat())
-            tracker.log_text(cfg.to_yaml(), "config.yaml")
-        yield tracker
-    except BaseException as exc:
-        tracker.flush()
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    uri = tracking_uri(cfg)
+    with ExitStack() as stack:
+        if resume:
+            existing = _get_run(mlc, resume, cfg)
+            if existing.data.tags.get(STAGE_TAG) != stage:
+                raise McisError(
+                    f"--resume {resume} is a {existing.data.tags.get(STAGE_TAG)!r} run, not a {stage!r} run"
+                )
+            close_dead_runs(mlc, existing.info.experiment_id)
+            _check_not_open(mlc, resume)
+            stack.enter_context(run_lock(cfg, resume, "--resume run"))
+            remove_partials(Path(cfg.output_dir) / resume)  # a kill mid-write leaves them
+            run_id = resume
+            mlc.update_run(run_id, status="RUNNING")
+            mlc.set_tag(run_id, PROCESS_TAG, process_identity())
+        else:
+            exp = experiment_id(mlc, cfg)
+            close_dead_runs(mlc, exp)
+            tags = {
+                STAGE_TAG: stage,
+                SOURCE_TAG: source_run or "",
+                PROCESS_TAG: process_identity(),
+                "mcis.dataset": cfg.data.root,
+                "mcis.dataset_fingerprint": dataset_fingerprint(cfg.data.root),
+                "mlflow.source.git.commit": git_commit(),
+                "mlflow.source.name": "mcis " + stage,
+            }
+            if parent:
+                tags["mlflow.parentRunId"] = parent
+            run = mlc.create_run(exp, tags=tags, run_name=run_name or stage)
+            run_id = run.info.run_id
+        tracker = Tracker(mlc, run_id, cfg.tracking.flush_every, uri)
+        unsent = Path(cfg.output_dir) / run_id / UNSENT
         try:
-            mlc.set_terminated(run_id, status=status)
-        except Exception:  # noqa: BLE001 - the original error matters more
-            pass
-        raise
-    if not tracker.flush():
-        raise McisError(f"run {run_id}: tracking server at {tracking_uri(cfg)} is gone; "
-                        f"buffered metrics could not be sent")
-    mlc.set_terminated(run_id, status="FINISHED")
+            if resume:
+                tracker.replay(unsent)
+            else:  # a fresh run's folder: only unwritable storage can make this fail
+                stack.enter_context(run_lock(cfg, run_id, "output_dir"))
+                tracker.log_params(cfg.flat())
+                tracker.log_text(cfg.to_yaml(), "config.yaml")
+            yield tracker
+        except BaseException as exc:
+            if not tracker.flush():
+                try:
+                    if tracker.spill(unsent):
+                        print(f"note: {len(tracker._buffer)} metrics that could not be sent are kept "
+                              f"in {unsent}; a --resume of the run sends them", file=sys.stderr)
+                except OSError:
+                    pass
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            try:
+                mlc.set_terminated(run_id, status=status)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
+        _final_flush(tracker, uri)
+        tracker._send("the run's end", mlc.set_terminated, run_id, status="FINISHED")
+
+
+def run_lock(cfg: Config, run_id: str, what: str):
+    """The lock of a run's local folder, held while the run is open (a file beside it)."""
+    return exclusive_file(Path(cfg.output_dir) / run_id, what)
+
+
+def _check_not_open(mlc, run_id: str) -> None:
+    """Refuse to reopen a run that a live process on this host still has open."""
+    run = mlc.get_run(run_id)
+    holder = run.data.tags.get(PROCESS_TAG, "")
+    if run.info.status != "RUNNING" or not holder:
+        return
+    alive = process_alive(holder)
+    if alive:
+        raise McisError(f"run {run_id} is still open in process {holder.rsplit(':', 2)[1]}; wait for it "
+                        "to end (or stop it) before resuming")
+    if alive is None:
+        print(f"warning: run {run_id} is marked RUNNING by a process on {holder.rsplit(':', 2)[0]}, "
+              "which cannot be checked from here; resuming it anyway", file=sys.stderr)
+
+
+def _final_flush(tracker: Tracker, uri: str) -> None:
+    """Send what is buffered, waiting for a server that is away (MCIS_TRACKING_WAIT seconds)."""
+    deadline = time.monotonic() + wait_seconds()
+    while not tracker.flush():
+        if time.monotonic() >= deadline or not _server_down(uri):
+            raise McisError(f"run {tracker.run_id}: {len(tracker._buffer)} buffered metrics could not be "
+                            f"sent to the tracking server at {uri}; its local outputs are kept")
+        time.sleep(2.0)
 
 
 def _get_run(mlc, run_id: str, cfg: Config):
@@ -390,6 +603,14 @@ class SourceRun:
                     if not target.exists():  # else another process fetched it meanwhile
                         raise
         return target
+
+    def has(self, artifact_path: str) -> bool:
+        """Whether the run holds the artifact file `artifact_path` (nothing is downloaded)."""
+        from mlflow.tracking import MlflowClient
+
+        parent = str(Path(artifact_path).parent)  # the store `resolve_run` set, as `fetch` uses
+        listed = MlflowClient().list_artifacts(self.run_id, None if parent == "." else parent)
+        return any(item.path == artifact_path and not item.is_dir for item in listed)
 
     def config(self) -> Config:
         return load_config(self.fetch("config.yaml"))

@@ -98,6 +98,31 @@ def test_ui_serves_the_commands_store(ui):
         assert "<title>MLflow</title>" in reply.read().decode()
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on `port`, read from /proc/net/tcp{,6}."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian
+                found.add(socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, words))
+    return found
+
+
+@pytest.mark.slow
+def test_ui_listens_on_loopback_only_by_default(ui):
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("no /proc/net/tcp to read the listening sockets from")
+    port = int(ui.url.rsplit(":", 1)[1])
+    addresses = listening_addresses(port)
+    assert addresses == {"127.0.0.1"}, f"mcis ui (no --host) listens on {addresses}"
+
+
 def render(url: str, profile: Path, needles: list[str], attempts: int = 3) -> str:
     """The DOM chromium renders for `url`, retried while the page is still loading its data."""
     for _ in range(attempts):

@@ -47,7 +47,8 @@ def _readable(path: str | Path) -> Iterator[None]:
             yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise McisError(
-            f"{path}: image too large for Pillow's decompression-bomb limit ({exc})"
+            f"{path}: image too large for Pillow's decompression-bomb limit ({exc}); "
+            "downscale it or remove it from the inputs"
         ) from None
     except FileNotFoundError:
         raise McisError(f"image not found: {path}") from None

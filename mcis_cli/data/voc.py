@@ -64,6 +64,18 @@ def _safe_id(image_id: str, where: str) -> str:
     return image_id
 
 
+def _inside(path: Path, root: str | Path, where: str) -> Path:
+    """`path` if it stays inside the dataset root once symlinks are resolved, else McisError."""
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise McisError(f"{where}: {path} resolves outside {root}; keep every file inside the dataset")
+    return path
+
+
+def _list_file(root: Path, name: str) -> Path:
+    """ImageSets/Segmentation/<name>.txt, refused if it (or a folder above it) links out of root."""
+    return _inside(root / LISTS / f"{name}.txt", root, "list file")
+
+
 def _image_file(path: Path, folder: Path, where: str) -> Path:
     """`path` if it is a file inside `folder` once symlinks are resolved, else McisError."""
     if not path.resolve().is_relative_to(folder.resolve()):
@@ -105,7 +117,7 @@ def _require_root(root: Path) -> Path:
 
 def class_names(root: str | Path) -> list[str]:
     """root/classes.txt (one name a line) if present, else the 20 VOC classes."""
-    path = Path(root) / "classes.txt"
+    path = _inside(Path(root) / "classes.txt", root, "class names")
     if not path.is_file():
         return list(VOC_CLASSES)
     names = [fields[0] for _, fields in _lines(path)]
@@ -128,7 +140,8 @@ def read_labels(root: str | Path) -> dict[str, tuple[int, ...]]:
     """id -> 0-based labels, train_cls.txt and val_cls.txt merged."""
     root = Path(root)
     k = len(class_names(root))
-    paths = [root / LISTS / name for name in CLS_FILES if (root / LISTS / name).is_file()]
+    paths = [_inside(root / LISTS / name, root, "labels") for name in CLS_FILES
+             if (root / LISTS / name).is_file()]
     if not paths:
         raise McisError(
             f"no image-level labels in {root / LISTS} ({' / '.join(CLS_FILES)} missing); derive them "
@@ -160,7 +173,7 @@ def _read_extra(
 ) -> list[tuple[str, Sample]]:
     """[(where, Sample)] of a `<file> <class> ...` list whose images exist; id `<name>_<stem>`."""
     out, seen = [], set()
-    for where, fields in _lines(root / LISTS / f"{name}.txt"):
+    for where, fields in _lines(_list_file(root, name)):
         try:
             if len(fields) < 2:
                 raise McisError(f"{where}: expected `<file> <class> ...` (1-based classes)")
@@ -185,7 +198,7 @@ def _read_extra(
 # ---- the training / evaluation API -----------------------------------------------------
 def _split(root: Path, list_name: str, labels: dict[str, tuple[int, ...]]) -> list[Sample]:
     samples = []
-    for where, image_id in _read_ids(root / LISTS / f"{list_name}.txt"):
+    for where, image_id in _read_ids(_list_file(root, list_name)):
         image = _image_file(root / IMAGES / f"{image_id}.jpg", root / IMAGES, where)
         if image_id not in labels:
             raise McisError(f"{where}: {image_id} has no line in {' / '.join(CLS_FILES)}")
@@ -216,7 +229,7 @@ def train_samples(data_cfg: DataCfg) -> list[Sample]:
 
 def mask_path(root: str | Path, image_id: str) -> Path:
     """Ground-truth mask of an image: for evaluation and `segment --labels gt` only."""
-    return Path(root) / MASKS / f"{_safe_id(image_id, 'mask')}.png"
+    return _inside(Path(root) / MASKS / f"{_safe_id(image_id, 'mask')}.png", root, "mask")
 
 
 def load_mask(root: str | Path, image_id: str) -> np.ndarray:
@@ -225,7 +238,7 @@ def load_mask(root: str | Path, image_id: str) -> np.ndarray:
 
 
 def saliency_path(root: str | Path, saliency_dir: str, image_id: str) -> Path:
-    return Path(root) / saliency_dir / f"{_safe_id(image_id, 'saliency')}.png"
+    return _inside(Path(root) / saliency_dir / f"{_safe_id(image_id, 'saliency')}.png", root, "saliency")
 
 
 def _read_mask(path: Path, k: int) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -255,7 +268,7 @@ def derive_labels(
                 f"{target} exists; delete it first to replace it with mask-derived labels"
             )
         lines = []
-        for _, image_id in _read_ids(root / LISTS / f"{list_name}.txt"):
+        for _, image_id in _read_ids(_list_file(root, list_name)):
             labels = _read_mask(mask_path(root, image_id), k)[1]
             lines.append(" ".join([image_id, *map(str, labels)]))
         with atomic_path(target) as tmp:
@@ -315,7 +328,10 @@ def check(root: str | Path) -> CheckReport:
     labels: dict[str, tuple[int, ...]] = {}
     cls_paths = [root / LISTS / name for name in CLS_FILES if (root / LISTS / name).is_file()]
     for path in cls_paths:
-        labels.update(_read_cls(path, k, problems))
+        try:
+            labels.update(_read_cls(_inside(path, root, "labels"), k, problems))
+        except McisError as exc:
+            problems.append(str(exc))
     if not cls_paths:
         problems.append(f"no image-level labels: {' / '.join(CLS_FILES)} missing in {root / LISTS}")
 
@@ -323,6 +339,11 @@ def check(root: str | Path) -> CheckReport:
     splits = {}
     for path in sorted((root / LISTS).glob("*.txt")):
         if path.name in CLS_FILES:
+            continue
+        try:
+            _inside(path, root, "list file")
+        except McisError as exc:
+            problems.append(str(exc))
             continue
         counts = splits[path.stem] = SplitCounts(per_class=[0] * k)
         missing_masks = []
@@ -337,7 +358,11 @@ def check(root: str | Path) -> CheckReport:
                 except McisError as exc:
                     problems.append(str(exc))
                     sizes[sample.image] = None
-            mask = mask_path(root, sample.id)
+            try:
+                mask = mask_path(root, sample.id)
+            except McisError as exc:
+                problems.append(str(exc))
+                continue
             if not mask.is_file():
                 missing_masks.append(sample.id)
                 continue

@@ -249,12 +249,14 @@ class Trainer:
         return state["epoch"] + 1, state["global_step"]
 
 
-def _resume_checkpoint(cfg: Config, run_id: str) -> Path:
-    """last.pt of the run: from its local workdir, else from its artifacts."""
+def _resume_checkpoint(cfg: Config, run_id: str) -> Path | None:
+    """last.pt of the run: from its local workdir, else from its artifacts; None when it has none
+    (killed before its first epoch ended: it starts over, as an uninterrupted run would)."""
     local = Path(cfg.output_dir) / run_id / "checkpoints" / "last.pt"
     if local.is_file():
         return local
-    return resolve_run(cfg, STAGE, run_id).fetch("checkpoints/last.pt")
+    source = resolve_run(cfg, STAGE, run_id)
+    return source.fetch("checkpoints/last.pt") if source.has("checkpoints/last.pt") else None
 
 
 def _check(cfg: Config, world_size: int) -> None:
@@ -298,9 +300,12 @@ def run(cfg: Config, resume: str | None = None, parent: str | None = None) -> St
         ckpt_dir = Path(cfg.output_dir) / run_id / "checkpoints"
         start_epoch, step = 0, 0
         if resume:
-            path = runtime.broadcast_str(str(_resume_checkpoint(cfg, run_id)) if runtime.is_main() else "")
-            start_epoch, step = trainer.load_state(runtime.load_checkpoint(path, device))
-            trainer.last_checkpoint = ckpt_dir / "last.pt"
+            path = runtime.broadcast_str(str(_resume_checkpoint(cfg, run_id) or "") if runtime.is_main() else "")
+            if path:
+                start_epoch, step = trainer.load_state(runtime.load_checkpoint(path, device))
+                trainer.last_checkpoint = ckpt_dir / "last.pt"
+            elif c.pretrained:
+                load_imagenet(trainer.model.backbone)
         else:
             tracker.set_tags({"mcis.method": c.method})
             tracker.log_params({"world_size": world_size, "effective_batch": c.batch_size})

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from mcis_cli import __version__, metrics, tracking
 from mcis_cli.config import Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
+from mcis_cli.files import exclusive_file
 from mcis_cli.progress import console
 from mcis_cli.stages import StageResult, segment
 from mcis_cli.stages.predict import JSON_KEYS, infer, open_session, preprocess, read_metadata
@@ -69,6 +70,9 @@ def staged(target: Path) -> Iterator[Path]:
     """Yield a path in a temporary folder beside `target`; on success move everything written
     there into place, the .onnx last, so a kill never leaves a torn file under the final name."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*"):  # left by a killed export (run() locks)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield folder / target.name
@@ -190,7 +194,8 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
     model, meta = segment.load_segmenter(source.fetch(segment.MODEL))
     calibration = [s.image for s in voc.train_samples(cfg.data)[:CALIBRATION_IMAGES]] \
         if ex.quantize == "static" else []
-    with tracking.stage_run(cfg, "export", source_run=source.run_id, parent=parent) as tracker:
+    lock = exclusive_file(out, "--out file") if out else nullcontext()  # the default is the run's own
+    with lock, tracking.stage_run(cfg, "export", source_run=source.run_id, parent=parent) as tracker:
         target = Path(out) if out else tracking.workdir(cfg, tracker.run_id) / "model.onnx"
         program = to_onnx(model, ex.opset, model_metadata(meta, source.run_id, ex.opset))
         previous = _describe(target) if target.exists() else None

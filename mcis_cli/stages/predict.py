@@ -20,7 +20,7 @@ from PIL import Image
 
 from mcis_cli.data.transforms import load_image, probe_image, save_palette_png, voc_palette
 from mcis_cli.errors import McisError
-from mcis_cli.files import atomic_path
+from mcis_cli.files import atomic_path, exclusive
 from mcis_cli.progress import work_progress
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -141,10 +141,9 @@ def run(model: str | Path, images: list[str], out_dir: str | Path, provider: str
     paths = collect_images(images)
     batches = _batches(paths, batch_size)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     colours = voc_palette()
     start = time.perf_counter()
-    with work_progress() as progress:
+    with exclusive(out_dir, "--out folder"), work_progress() as progress:
         task = progress.add_task("predict", total=len(paths))
         for batch in batches:
             rgb = np.stack([load_image(path) for path in batch])

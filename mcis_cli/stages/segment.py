@@ -132,6 +132,13 @@ def _training_items(cfg: Config, labels: str, source, main: bool) -> tuple[list[
     return kept, len(items) - len(kept)
 
 
+def _resume_path(local: Path, prior: tracking.SourceRun) -> Path | None:
+    """The run's last checkpoint: the local file, else its artifact; None if it has none yet."""
+    if local.is_file():
+        return local
+    return prior.fetch(LAST) if prior.has(LAST) else None
+
+
 def _val_samples(cfg: Config) -> list[voc.Sample]:
     """Validation images that have a ground-truth mask (none on a dataset without masks)."""
     try:
@@ -279,9 +286,8 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
         run_id = runtime.broadcast_str(tracker.run_id)
         out = tracking.workdir(cfg, run_id) if main else Path(cfg.output_dir) / run_id
         start, last_good = 0, "none"
-        if prior:
-            local = out / LAST
-            path = _main_first(main, lambda: local if local.is_file() else prior.fetch(LAST))
+        path = _main_first(main, lambda: _resume_path(out / LAST, prior)) if prior else None
+        if path:
             state = runtime.load_checkpoint(path)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -291,8 +297,10 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
                 runtime.set_rng_state(state["rng"][rank])
             else:  # another world size: fresh per-rank streams
                 torch.manual_seed(mix(cfg.seed, rank, start))
-        else:
+        else:  # a new run, or one killed before its first checkpoint: from the start
             torch.manual_seed(mix(cfg.seed, rank))  # per-rank dropout streams
+            if prior and seg.pretrained:
+                _load_imagenet(model, seg)
             tracker.set_tags({LABELS_TAG: labels})
             tracker.log_metrics({"train_images": len(items), "skipped_images": skipped})
         if skipped and main:

@@ -1,0 +1,120 @@
+"""kill -9 during `classify` and `segment`, at a step drawn from a seeded RNG, then `--resume`.
+
+Each test runs three real `mcis` processes on one sqlite store: the victim (killed with SIGKILL
+once the store shows the chosen step), an uninterrupted reference run (whose start marks the
+victim's dead run KILLED), and `--resume` of the victim, which must finish the run with weights
+bit-identical to the reference (deterministic mode, CPU, one thread).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mcis_cli import tracking
+from mcis_cli.runtime import load_checkpoint
+from tests.reliability import procs
+
+pytestmark = pytest.mark.slow  # real processes, two to five per test: 20-60 s each
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    """One store for the module, created (migrated) once by this process."""
+    return procs.new_store(tmp_path_factory.mktemp("kill-store"))
+
+
+def _runs(uri: str, experiment: str) -> list:
+    mlc = MlflowClient(uri)
+    found = mlc.get_experiment_by_name(experiment)
+    return mlc.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"]) if found else []
+
+
+def _logged_step(uri: str, experiment: str, metric: str, step: int) -> str | None:
+    """The victim's run id once its `metric` history reaches `step`."""
+    runs = _runs(uri, experiment)
+    if not runs:
+        return None
+    history = MlflowClient(uri).get_metric_history(runs[0].info.run_id, metric)
+    return runs[0].info.run_id if any(m.step >= step for m in history) else None
+
+
+def kill_resume_compare(tmp: Path, uri: str, stage: str, config: Path, extra: list[str],
+                        metric: str, window: tuple[int, int], total: int, weights) -> dict:
+    """Kill `stage` at a random step of `window`, run the reference, resume the victim."""
+    experiment = tmp.name
+    environ = procs.env(uri)
+    step = procs.kill_point(f"{stage}:{experiment}", *window)
+    log = tmp / "victim.log"
+    victim = procs.start([stage, "--config", config, *extra], tmp, environ, log)
+    run_id = procs.wait_until(lambda: _logged_step(uri, experiment, metric, step), victim, log,
+                              f"step {step} of {stage}")
+    assert victim.poll() is None, "the victim finished before the kill"
+    procs.kill(victim)
+    had_checkpoint = (tmp / "runs" / run_id / "checkpoints" / "last.pt").is_file()
+    mlc = MlflowClient(uri)
+    assert mlc.get_run(run_id).info.status == "RUNNING"  # nobody could close it: the process is gone
+
+    reference = procs.run([stage, "--config", config, *extra], tmp, environ)
+    assert reference.returncode == 0, reference.output[-3000:]
+    killed = mlc.get_run(run_id)
+    assert killed.info.status == "KILLED", "the next start did not close the dead run"
+    assert "ended without closing the run" in killed.data.tags[tracking.END_TAG]
+    assert f"run {run_id} was left RUNNING" in reference.output
+
+    resumed = procs.run([stage, "--config", config, "--resume", run_id], tmp, environ)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    after = mlc.get_run(run_id)
+    assert after.info.status == "FINISHED"
+    assert sorted({m.step for m in mlc.get_metric_history(run_id, metric)}) == list(range(total))
+    ref_id = next(r.info.run_id for r in _runs(uri, experiment) if r.info.run_id != run_id)
+    a, b = weights(tmp / "runs" / ref_id), weights(tmp / "runs" / run_id)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"killed at step {step}: resumed weights differ in {different[:3]}"
+    assert not list((tmp / "runs" / run_id).rglob(".*.part*")), "temporary files left behind"
+    procs.record(stage, f"after step {step} of {total} was logged", from_checkpoint=had_checkpoint,
+                 resumed=True, weights_equal=True, lost="nothing")
+    return {"step": step, "run_id": run_id}
+
+
+# a kill before the first checkpoint (resume starts over) and one after it (resume continues)
+# (the last steps are left out: a poll that lags on two busy cores must still find the run alive)
+CLASSIFY_WINDOWS = {"first-epoch": (0, 1), "later": (3, 5)}  # checkpoints after steps 2, 5, 8
+SEGMENT_WINDOWS = {"before-checkpoint": (0, 2), "later": (5, 17)}  # checkpoints at 5, 10, 15, 20
+
+
+@pytest.mark.parametrize("window", CLASSIFY_WINDOWS)
+def test_kill_classify_then_resume_gives_the_uninterrupted_weights(toy_root, tmp_path, uri, window):
+    """3 epochs of 3 steps; the victim dies at a random step of the window."""
+    config = procs.write_config(
+        tmp_path / "classify.yaml", name=tmp_path.name, seed=0, deterministic=True, device="cpu",
+        output_dir="runs", **{
+            "data.root": str(toy_root), "data.workers": 0, "classify.width": 0.125,
+            "classify.pretrained": False, "classify.input_size": 32, "classify.batch_size": 16,
+            "classify.epochs": 3, "classify.lr": 0.01, "classify.decay_epochs": [2],
+            "classify.checkpoint_epoch": 1, "classify.contrastive_from_epoch": 1,
+            "classify.log_every": 1, "tracking.flush_every": 1,
+        })
+    kill_resume_compare(
+        tmp_path, uri, "classify", config, [], "loss/total", CLASSIFY_WINDOWS[window], 9,
+        lambda folder: load_checkpoint(folder / "checkpoints" / "last.pt")["model"])
+
+
+@pytest.mark.parametrize("window", SEGMENT_WINDOWS)
+def test_kill_segment_then_resume_gives_the_uninterrupted_weights(toy_root, tmp_path, uri, window):
+    """24 iterations, a checkpoint every 5, dropout on, one DataLoader worker (killed with it)."""
+    config = procs.write_config(
+        tmp_path / "segment.yaml", name=tmp_path.name, seed=0, deterministic=True, device="cpu",
+        output_dir="runs", **{
+            "data.root": str(toy_root), "data.workers": 1, "segment.width": 0.125,
+            "segment.pretrained": False, "segment.batch_size": 4, "segment.crop": 33,
+            "segment.iters": 24, "segment.lr": 0.01, "segment.dropout": 0.5, "segment.log_every": 1,
+            "segment.val_every": 0, "segment.checkpoint_every": 5, "tracking.flush_every": 1,
+        })
+    kill_resume_compare(
+        tmp_path, uri, "segment", config, ["--labels", "gt"], "loss", SEGMENT_WINDOWS[window], 24,
+        lambda folder: load_checkpoint(folder / "checkpoints" / "model.pt")["state_dict"])
