@@ -108,13 +108,9 @@ def data_synth(
 ) -> None:
     """Write the embedded dataset: deterministic for a seed."""
     from mcis_cli.data import synth
-    from mcis_cli.files import exclusive_file
 
-    with exclusive_file(out_dir, "--out folder"):
-        report = synth.write(
-            out_dir, seed=seed, n_train=n_train, n_val=n_val, size=size, n_extra=n_extra,
-            n_web=n_web, force=force,
-        )
+    report = synth.write(out_dir, seed=seed, n_train=n_train, n_val=n_val, size=size, n_extra=n_extra,
+                         n_web=n_web, force=force)
     out.print(f"wrote {report['images']} images to {out_dir}")
 
 

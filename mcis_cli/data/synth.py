@@ -27,6 +27,7 @@ from PIL import Image
 
 from mcis_cli.data.transforms import palette_image
 from mcis_cli.errors import McisError
+from mcis_cli.files import exclusive_file
 
 VERSION = 1
 MARKER = "mcis synthetic dataset"  # first line of README.md: lets force=True recognise its own tree
@@ -360,12 +361,19 @@ def write(
     """Write the embedded dataset to `out` (VOC2012 layout). Deterministic for a seed.
 
     The tree is built in a temporary sibling folder and renamed into place, so an interrupted
-    run leaves nothing half-written. An existing non-empty `out` is replaced only with force=True,
-    and only when it is a tree this function wrote (its README.md starts with the marker).
+    run leaves nothing half-written, under a lock beside it, so a second writer is refused. An
+    existing non-empty `out` is replaced only with force=True, and only when it is a tree this
+    function wrote (its README.md starts with the marker).
     """
     out = Path(out)
     if min(n_train, n_val) < 1 or min(n_extra, n_web) < 0 or size < 32:
         raise McisError("synth needs n_train >= 1, n_val >= 1, n_extra/n_web >= 0 and size >= 32")
+    with exclusive_file(out, "--out folder"):
+        return _write(out, seed, n_train, n_val, size, n_extra, n_web, force)
+
+
+def _write(out: Path, seed: int, n_train: int, n_val: int, size: int, n_extra: int, n_web: int,
+           force: bool) -> dict:
     if out.exists() and any(out.iterdir()):
         if not force:
             raise McisError(f"{out} exists and is not empty; pass --force to replace it")
