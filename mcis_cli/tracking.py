@@ -612,6 +612,13 @@ class SourceRun:
         listed = MlflowClient().list_artifacts(self.run_id, None if parent == "." else parent)
         return any(item.path == artifact_path and not item.is_dir for item in listed)
 
+    def local_or_fetched(self, local: Path, artifact_path: str) -> Path | None:
+        """`local` when that file exists (the run's own folder), else the artifact when the run
+        holds it, else None (a run killed before it logged one)."""
+        if local.is_file():
+            return local
+        return self.fetch(artifact_path) if self.has(artifact_path) else None
+
     def config(self) -> Config:
         return load_config(self.fetch("config.yaml"))
 

@@ -250,13 +250,10 @@ class Trainer:
 
 
 def _resume_checkpoint(cfg: Config, run_id: str) -> Path | None:
-    """last.pt of the run: from its local workdir, else from its artifacts; None when it has none
-    (killed before its first epoch ended: it starts over, as an uninterrupted run would)."""
+    """last.pt of the run, None when it has none (killed before its first epoch ended: it starts
+    over, as an uninterrupted run would)."""
     local = Path(cfg.output_dir) / run_id / "checkpoints" / "last.pt"
-    if local.is_file():
-        return local
-    source = resolve_run(cfg, STAGE, run_id)
-    return source.fetch("checkpoints/last.pt") if source.has("checkpoints/last.pt") else None
+    return resolve_run(cfg, STAGE, run_id).local_or_fetched(local, "checkpoints/last.pt")
 
 
 def _check(cfg: Config, world_size: int) -> None:
@@ -305,7 +302,7 @@ def run(cfg: Config, resume: str | None = None, parent: str | None = None) -> St
                 start_epoch, step = trainer.load_state(runtime.load_checkpoint(path, device))
                 trainer.last_checkpoint = ckpt_dir / "last.pt"
             elif c.pretrained:
-                load_imagenet(trainer.model.backbone)
+                load_imagenet(trainer.model.backbone, c.batch_norm)
         else:
             tracker.set_tags({"mcis.method": c.method})
             tracker.log_params({"world_size": world_size, "effective_batch": c.batch_size})

@@ -132,13 +132,6 @@ def _training_items(cfg: Config, labels: str, source, main: bool) -> tuple[list[
     return kept, len(items) - len(kept)
 
 
-def _resume_path(local: Path, prior: tracking.SourceRun) -> Path | None:
-    """The run's last checkpoint: the local file, else its artifact; None if it has none yet."""
-    if local.is_file():
-        return local
-    return prior.fetch(LAST) if prior.has(LAST) else None
-
-
 def _val_samples(cfg: Config) -> list[voc.Sample]:
     """Validation images that have a ground-truth mask (none on a dataset without masks)."""
     try:
@@ -286,7 +279,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
         run_id = runtime.broadcast_str(tracker.run_id)
         out = tracking.workdir(cfg, run_id) if main else Path(cfg.output_dir) / run_id
         start, last_good = 0, "none"
-        path = _main_first(main, lambda: _resume_path(out / LAST, prior)) if prior else None
+        path = _main_first(main, lambda: prior.local_or_fetched(out / LAST, LAST)) if prior else None
         if path:
             state = runtime.load_checkpoint(path)
             model.load_state_dict(state["model"])
