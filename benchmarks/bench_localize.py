@@ -21,7 +21,7 @@ from rich.table import Table
 
 from mcis_cli.config import load_config
 from mcis_cli.data import synth, voc
-from mcis_cli.models.mcis import MCISNet
+from mcis_cli.models.mcis import build_classifier
 from mcis_cli.stages import localize
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
@@ -37,7 +37,7 @@ def main() -> dict[str, float]:
         synth.write(cfg.data.root, seed=0, n_train=IMAGES, n_val=2, size=cfg.data.synth.size)
         samples = voc.train_samples(cfg.data)
         torch.manual_seed(0)
-        model = MCISNet(len(voc.class_names(cfg.data.root)), cfg.classify.width).eval()
+        model = build_classifier(cfg.classify, len(voc.class_names(cfg.data.root))).eval()
         lc, size = cfg.localize, cfg.classify.input_size
         items = localize.plan(samples, lc.partners, cfg.seed)
 

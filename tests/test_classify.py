@@ -19,7 +19,7 @@ from mcis_cli.config import load_config
 from mcis_cli.data import voc
 from mcis_cli.data.pairs import PairSampler
 from mcis_cli.errors import McisError
-from mcis_cli.models.mcis import MCISNet
+from mcis_cli.models.mcis import MCISNet, build_classifier
 from mcis_cli.runtime import load_checkpoint
 from mcis_cli.stages import classify
 
@@ -187,7 +187,7 @@ def test_two_process_gloo_step_equals_one_process_on_the_global_batch(toy_root, 
     one, ddp = (load_checkpoint(outcomes[n].fetch("checkpoints/model.pt"))["state_dict"]
                 for n in ("one", "ddp"))
     torch.manual_seed(0)  # the stage's seed: the weights the runs started from
-    start = MCISNet(len(voc.class_names(toy_root)), 0.125).state_dict()
+    start = build_classifier(_config(toy_root, store, "one").classify, len(voc.class_names(toy_root))).state_dict()
     assert not torch.equal(one["cam_head.weight"], start["cam_head.weight"])  # it trained
     for key in one:
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -111,6 +111,12 @@ class MCISNet(nn.Module):
         return self.heads(self.features(x1), self.features(x2))
 
 
+def build_classifier(classify_cfg, num_classes: int) -> MCISNet:
+    """The classifier that `cfg.classify` describes, freshly initialised."""
+    c = classify_cfg
+    return MCISNet(num_classes, c.width, c.batch_norm, c.blocks, c.affinity, c.affinity_temperature)
+
+
 def param_groups(model: MCISNet, lr: float, lr_mult: list[float]) -> list[dict[str, Any]]:
     """The official four groups: backbone weights / biases, "extra" weights / biases (1x 2x 10x 20x).
 

@@ -25,7 +25,7 @@ from mcis_cli.data import transforms, voc
 from mcis_cli.data.pairs import PairSampler, shard
 from mcis_cli.errors import McisError
 from mcis_cli.models.backbone import load_imagenet
-from mcis_cli.models.mcis import MCISNet, gap, mcis_loss, param_groups
+from mcis_cli.models.mcis import MCISNet, build_classifier, gap, mcis_loss, param_groups
 from mcis_cli.progress import training_progress
 from mcis_cli.stages import StageResult
 from mcis_cli.tracking import resolve_run, stage_run
@@ -143,7 +143,7 @@ class Trainer:
     def __init__(self, cfg: Config, num_classes: int, device: torch.device, imagenet: bool):
         c = self.ccfg = cfg.classify
         self.device = device
-        self.model = MCISNet(num_classes, c.width, c.batch_norm, c.blocks, c.affinity, c.affinity_temperature)
+        self.model = build_classifier(c, num_classes)
         if imagenet:
             load_imagenet(self.model.backbone, c.batch_norm)
         self.model.to(device)
