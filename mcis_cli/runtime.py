@@ -96,6 +96,15 @@ def init_distributed(device_name: str) -> bool:
     return True
 
 
+def data_parallel(module: torch.nn.Module, device: torch.device, **options: Any) -> torch.nn.Module:
+    """DDP wrapper; on GPUs BatchNorm becomes SyncBatchNorm, so ranks share batch statistics.
+    SyncBatchNorm has no CPU kernel: under gloo each rank normalises with its own batch."""
+    if device.type == "cuda":
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index], **options)
+    return torch.nn.parallel.DistributedDataParallel(module, **options)
+
+
 def is_main() -> bool:
     return world()[0] == 0
 

@@ -226,7 +226,7 @@ def test_localization_maps_get_a_threshold_sweep(root, store):
     [0.3, 0.5) is perfect and the sweep must find the first of them, 0.3."""
     from mcis_cli.stages.localize import save_maps
 
-    cfg = _config(root, store)
+    cfg = _config(root, store, **{"evaluate.bg_sweep": [round(0.05 * i, 2) for i in range(1, 13)]})
     rng = np.random.default_rng(2)
     for sample in voc.split_samples(root, "train_aug"):
         gt = voc.load_mask(root, sample.id)

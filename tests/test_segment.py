@@ -161,10 +161,12 @@ def test_largefov_loads_torchvision_vgg16_layout(batch_norm):
 
 
 # ---- stage runs ---------------------------------------------------------------------------
-def test_pretrained_without_weights_file_is_a_clear_error(toy_root, store, monkeypatch):
+@pytest.mark.parametrize(("batch_norm", "needle"), [(False, "vgg16-397923af.pth"), (True, "vgg16_bn-6c64b313.pth")])
+def test_pretrained_without_weights_file_is_a_clear_error(toy_root, store, monkeypatch, batch_norm, needle):
     monkeypatch.setenv("TORCH_HOME", str(store / "torch"))
-    cfg = _config(toy_root, store, "pretrained", **{"segment.width": 1.0, "segment.pretrained": True})
-    with pytest.raises(McisError, match="vgg16-397923af.pth"):
+    cfg = _config(toy_root, store, "pretrained", **{"segment.width": 1.0, "segment.pretrained": True,
+                                                     "segment.batch_norm": batch_norm})
+    with pytest.raises(McisError, match=needle):
         segment.run(cfg, labels="gt")
 
 

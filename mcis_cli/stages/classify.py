@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from mcis_cli import runtime
@@ -150,8 +149,8 @@ class Trainer:
         criterion = Criterion(self.model, c)
         self.distributed = dist.is_available() and dist.is_initialized()
         self.criterion = (
-            DistributedDataParallel(
-                criterion, device_ids=[device.index] if device.type == "cuda" else None,
+            runtime.data_parallel(
+                criterion, device,
                 find_unused_parameters=True,  # the gate waits for contrastive_from_epoch
             )
             if self.distributed else criterion

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mcis_cli import metrics, runtime, tracking
@@ -271,8 +270,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
         lr=seg.lr, momentum=seg.momentum,
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if distributed else model
+    net = runtime.data_parallel(model, device) if distributed else model
 
     with tracking.stage_run(cfg, "segment", source_run=source.run_id if source else None,
                             resume=resume, parent=parent, enabled=main) as tracker:
