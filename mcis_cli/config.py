@@ -117,6 +117,8 @@ class LocalizeCfg(Section):
 class PseudolabelCfg(Section):
     background: Literal["saliency", "cam"] = "saliency"
     saliency: Literal["folder", "spectral"] = "folder"  # folder = data.saliency_dir
+    # adaptive: 0/1 at 2 x mean saliency, as near-binary as the DSS maps the official code reads
+    binarize: Literal["none", "adaptive"] = "none"
     att_thr: float = 0.95
     fg_thr: float = 0.3
     conflict: float = 0.99

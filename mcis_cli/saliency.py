@@ -85,10 +85,15 @@ def saliency(image: np.ndarray) -> np.ndarray:
     return _unit(FT_WEIGHT * colour_contrast(image) + (1 - FT_WEIGHT) * spectral_residual(image))
 
 
+def binarize(sal: np.ndarray) -> np.ndarray:
+    """1 where saliency reaches the adaptive threshold 2 x its mean (Achanta et al. 2009), else 0."""
+    return (sal >= min(2.0 * float(sal.mean()), 1.0)).astype(np.float32)
+
+
 def fmeasure(sal: np.ndarray, fg: np.ndarray, beta2: float = 0.3, valid: np.ndarray | None = None) -> float:
-    """F-measure at the adaptive threshold 2 x mean saliency (Achanta et al. 2009); pixels outside
-    `valid` (e.g. ignore-labelled) do not count."""
-    pred = sal >= min(2.0 * float(sal.mean()), 1.0)
+    """F-measure at the adaptive threshold (`binarize`); pixels outside `valid` (e.g.
+    ignore-labelled) do not count."""
+    pred = binarize(sal).astype(bool)
     fg = fg.astype(bool)
     if valid is not None:
         pred, fg = pred[valid], fg[valid]

@@ -108,6 +108,19 @@ def test_saliency_folder_png_is_read_at_image_size(tmp_path):
     assert sal.shape == (16, 20) and np.allclose(sal, 1)
 
 
+
+@pytest.mark.parametrize("binarize", ["none", "adaptive"])
+def test_saliency_is_binarised_at_twice_its_mean_when_asked(tmp_path, binarize):
+    root = tmp_path / "voc"
+    (root / "sal").mkdir(parents=True)
+    values = np.array([[0, 20, 40, 200]], np.uint8)  # mean 65: the cut is 130
+    Image.fromarray(values).save(root / "sal" / "a.png")
+    cfg = load_config(CONFIG, [f"data.root={root}", "data.saliency_dir=sal", "pseudolabel.saliency=folder",
+                               f"pseudolabel.binarize={binarize}"])
+    sal = pl.load_saliency(cfg, voc.Sample("a", root / "a.jpg", (0,)), np.zeros((1, 4, 3), np.uint8))
+    expected = [[0, 0, 0, 1]] if binarize == "adaptive" else values / 255
+    np.testing.assert_allclose(sal, expected, atol=1e-6)
+
 # ---- the chain through the command line ---------------------------------------------------
 @pytest.mark.slow
 def test_classify_localize_pseudolabel_cli(toy_root: Path, tmp_path, monkeypatch):

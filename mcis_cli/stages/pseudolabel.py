@@ -111,15 +111,18 @@ def make_labels(maps, classes, sal, p: PseudolabelCfg, threshold: float | None =
 
 # ---- inputs ----------------------------------------------------------------------------------
 def load_saliency(cfg: Config, sample: voc.Sample, image: np.ndarray) -> np.ndarray:
-    """Saliency in [0, 1] at the image size: the dataset's PNG (0..255), or computed from the image."""
+    """Saliency in [0, 1] at the image size: the dataset's PNG (0..255) or computed from the
+    image, then binarised if configured."""
     if cfg.pseudolabel.saliency == "spectral":
-        return saliency.saliency(image)
-    path = voc.saliency_path(cfg.data.root, cfg.data.saliency_dir, sample.id)
-    if not path.is_file():
-        raise McisError(f"saliency map not found: {path} (provide data.saliency_dir maps for every "
-                        f"training image, or --set pseudolabel.saliency=spectral)")
-    sal = transforms.load_image(path).astype(np.float32).mean(axis=2) / 255  # any PNG mode
-    return transforms.resize(sal, image.shape[:2])
+        sal = saliency.saliency(image)
+    else:
+        path = voc.saliency_path(cfg.data.root, cfg.data.saliency_dir, sample.id)
+        if not path.is_file():
+            raise McisError(f"saliency map not found: {path} (provide data.saliency_dir maps for every "
+                            f"training image, or --set pseudolabel.saliency=spectral)")
+        sal = transforms.load_image(path).astype(np.float32).mean(axis=2) / 255  # any PNG mode
+        sal = transforms.resize(sal, image.shape[:2])
+    return saliency.binarize(sal) if cfg.pseudolabel.binarize == "adaptive" else sal
 
 
 @dataclass
