@@ -622,6 +622,14 @@ class SourceRun:
     def config(self) -> Config:
         return load_config(self.fetch("config.yaml"))
 
+    def require_same(self, cfg: Config, section: str) -> None:
+        """A resume continues the run as it was logged: a changed `section` setting needs a new run."""
+        stored = getattr(self.config(), section).model_dump()
+        changed = [key for key, value in getattr(cfg, section).model_dump().items() if stored.get(key) != value]
+        if changed:
+            raise McisError(f"--resume {self.run_id}: {section}.{changed[0]} is {stored.get(changed[0])!r} in "
+                            f"that run; resume with the run's own config, or start a new run to change it")
+
 
 def resolve_run(cfg: Config, stages: str | tuple[str, ...], run_id: str | None = None) -> SourceRun:
     """The run given by id (checked to be of one of `stages`), else the latest finished one."""

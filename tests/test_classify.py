@@ -134,6 +134,9 @@ def test_resume_from_artifacts_ends_with_the_same_weights(toy_root, store, monke
     killed = mlc.search_runs([tracking.experiment_id(mlc, cfg)], "attributes.status = 'KILLED'")
     run_id = killed[0].info.run_id
     (store / "runs" / run_id / "checkpoints" / "last.pt").unlink()  # fetched from the artifacts
+    changed = _config(toy_root, store, "resume", deterministic=True, **{"classify.lr": 0.001})
+    with pytest.raises(McisError, match="classify.lr is 0.01 in that run"):  # params would lie
+        classify.run(changed, resume=run_id)
     resumed = classify.run(cfg, resume=run_id)
     assert resumed.run_id == run_id and resumed.metrics["steps"] == 6
     a = load_checkpoint(store / "runs" / full.run_id / "checkpoints" / "last.pt")["model"]

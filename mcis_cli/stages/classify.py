@@ -185,7 +185,7 @@ class Trainer:
             where = self.last_checkpoint or "none yet (the first epoch did not finish)"
             raise McisError(
                 f"non-finite loss {terms} at step {step} (epoch {epoch}); last good checkpoint: "
-                f"{where}; lower classify.lr or check the data, then resume"
+                f"{where}; lower classify.lr in a new run, or check the data"
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -275,6 +275,8 @@ def run(cfg: Config, resume: str | None = None, parent: str | None = None) -> St
     runtime.init_distributed(cfg.device)
     rank, world_size = runtime.world()
     _check(cfg, world_size)
+    if resume:
+        resolve_run(cfg, STAGE, resume).require_same(cfg, "classify")
     device = runtime.select_device(cfg.device)
     runtime.seed_everything(cfg.seed, cfg.deterministic)
     classes = voc.class_names(cfg.data.root)

@@ -249,11 +249,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
 
     prior = tracking.resolve_run(cfg, "segment", resume) if resume else None
     if prior:
-        stored = prior.config().segment.model_dump()
-        changed = [key for key, value in seg.model_dump().items() if stored[key] != value]
-        if changed:
-            raise McisError(f"--resume {resume}: segment.{changed[0]} is {stored[changed[0]]!r} in that run; "
-                            f"resume with the run's own config")
+        prior.require_same(cfg, "segment")
         labels = prior.tags.get(LABELS_TAG, labels)
         from_run = prior.tags.get(tracking.SOURCE_TAG) or None
     source = tracking.resolve_run(cfg, "pseudolabel", from_run) if labels == "pseudo" else None
@@ -327,7 +323,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
                 value = _mean_over_ranks(loss, distributed)
                 if not math.isfinite(value):
                     raise McisError(f"segment: loss is {value} at iteration {it}; last good checkpoint: "
-                                    f"{last_good} (lower segment.lr, or resume from it)")
+                                    f"{last_good} (lower segment.lr in a new run, or check the data)")
                 now = time.perf_counter()
                 if it > start:  # the first step warms up allocators and workers
                     busy, timed = busy + now - tick, timed + 1
