@@ -219,8 +219,9 @@ def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker,
     trained = {(cfg.classify.model_dump_json(), cfg.seed): results["classify"].run_id}
     if "classify_cam" in results:
         trained[(cam_baseline(cfg).classify.model_dump_json(), cfg.seed)] = results["classify_cam"].run_id
+    variants = ablation_variants(cfg)
     scores: dict[str, dict[str, list[float]]] = {}
-    for v in ablation_variants(cfg):
+    for v in variants:
         for seed in cfg.pipeline.ablation_seeds:
             seeded = v.cfg.model_copy(update={"seed": seed})
             prefix, tags = f"ablation/{v.key}/seed{seed}", {ABLATION_TAG: v.key, "mcis.seed": str(seed)}
@@ -236,7 +237,7 @@ def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker,
             per["maps"].append(maps.metrics["maps/miou"])
             per["pseudo"].append(pseudo.metrics["pseudo/miou"])
     table = ablation_table(scores, len(cfg.pipeline.ablation_seeds))
-    for v in ablation_variants(cfg):
+    for v in variants:
         for what, values in scores[v.name].items():
             parent.log_metrics({f"ablation/{v.key}/{what}_miou_mean": float(np.mean(values)),
                                 f"ablation/{v.key}/{what}_miou_std": float(np.std(values))}, step=0)

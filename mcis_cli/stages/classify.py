@@ -27,7 +27,7 @@ from mcis_cli.models.backbone import load_imagenet
 from mcis_cli.models.mcis import MCISNet, build_classifier, gap, mcis_loss, param_groups
 from mcis_cli.progress import training_progress
 from mcis_cli.stages import StageResult
-from mcis_cli.tracking import resolve_run, stage_run
+from mcis_cli.tracking import SourceRun, resolve_run, stage_run
 
 STAGE = "classify"
 VIEW_SCALES = (0.75, 2.0)  # the resized self-pair views; the flip view keeps the input size
@@ -248,11 +248,11 @@ class Trainer:
         return state["epoch"] + 1, state["global_step"]
 
 
-def _resume_checkpoint(cfg: Config, run_id: str) -> Path | None:
+def _resume_checkpoint(cfg: Config, prior: SourceRun) -> Path | None:
     """last.pt of the run, None when it has none (killed before its first epoch ended: it starts
     over, as an uninterrupted run would)."""
-    local = Path(cfg.output_dir) / run_id / "checkpoints" / "last.pt"
-    return resolve_run(cfg, STAGE, run_id).local_or_fetched(local, "checkpoints/last.pt")
+    local = Path(cfg.output_dir) / prior.run_id / "checkpoints" / "last.pt"
+    return prior.local_or_fetched(local, "checkpoints/last.pt")
 
 
 def _check(cfg: Config, world_size: int) -> None:
@@ -275,8 +275,9 @@ def run(cfg: Config, resume: str | None = None, parent: str | None = None) -> St
     runtime.init_distributed(cfg.device)
     rank, world_size = runtime.world()
     _check(cfg, world_size)
-    if resume:
-        resolve_run(cfg, STAGE, resume).require_same(cfg, "classify")
+    prior = resolve_run(cfg, STAGE, resume) if resume else None
+    if prior:
+        prior.require_same(cfg, "classify")
     device = runtime.select_device(cfg.device)
     runtime.seed_everything(cfg.seed, cfg.deterministic)
     classes = voc.class_names(cfg.data.root)
@@ -298,7 +299,7 @@ def run(cfg: Config, resume: str | None = None, parent: str | None = None) -> St
         ckpt_dir = Path(cfg.output_dir) / run_id / "checkpoints"
         start_epoch, step = 0, 0
         if resume:
-            path = runtime.broadcast_str(str(_resume_checkpoint(cfg, run_id) or "") if runtime.is_main() else "")
+            path = runtime.broadcast_str(str(_resume_checkpoint(cfg, prior) or "") if runtime.is_main() else "")
             if path:
                 start_epoch, step = trainer.load_state(runtime.load_checkpoint(path, device))
                 trainer.last_checkpoint = ckpt_dir / "last.pt"

@@ -378,8 +378,8 @@ def run(cfg: Config, from_run: str | None = None, parent: str | None = None) -> 
     names = voc.class_names(cfg.data.root)
     _check(cfg, meta, names)
     samples = voc.train_samples(cfg.data)
-    size = lcfg_size if (lcfg_size := cfg.localize.input_size) else int(meta["input_size"])
     lcfg = cfg.localize
+    size = lcfg.input_size or int(meta["input_size"])
     key = _key(cfg, source.run_id)
     resume = _interrupted(cfg, key)
 
