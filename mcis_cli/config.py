@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mcis_cli.errors import McisError
 
@@ -116,9 +116,10 @@ class LocalizeCfg(Section):
 
 class PseudolabelCfg(Section):
     background: Literal["saliency", "cam"] = "saliency"
-    saliency: Literal["folder", "spectral"] = "folder"  # folder = data.saliency_dir
+    saliency: Literal["folder", "computed"] = "folder"  # folder = data.saliency_dir; computed: mcis_cli.saliency
     # adaptive: 0/1 at 2 x mean saliency, as near-binary as the DSS maps the official code reads
     binarize: Literal["none", "adaptive"] = "none"
+    fill_radius: int = Field(0, ge=0)  # > 0: close the binarised map with a disk this wide (px), fill holes
     att_thr: float = 0.95
     fg_thr: float = 0.3
     conflict: float = 0.99
@@ -127,6 +128,12 @@ class PseudolabelCfg(Section):
     cam_bg_power: float = 1.0  # cam background: (1 - max map) ** power
     cam_threshold: float = 0.3  # cam: foreground needs a map value above this
     sweep: list[float] = Field(default_factory=list)  # background thresholds to evaluate
+
+    @model_validator(mode="after")
+    def _fill_needs_binary(self) -> PseudolabelCfg:
+        if self.fill_radius and self.binarize == "none":
+            raise ValueError("fill_radius closes a binary map: set pseudolabel.binarize=adaptive too")
+        return self
 
 
 class SegmentCfg(Section):

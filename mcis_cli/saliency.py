@@ -7,11 +7,17 @@ image and nothing else:
 - spectral residual (Hou & Zhang, CVPR 2007): what is left of the log-amplitude spectrum after
   removing its local average marks the "unexpected" parts of the image;
 - colour contrast (Achanta et al., CVPR 2009, "frequency-tuned"): distance in CIE Lab between each
-  slightly blurred pixel and the image's mean colour.
+  slightly blurred pixel and the image's mean colour;
+- saturation: the colour prior that objects are more saturated than their surroundings. It is
+  strong on the embedded dataset (muted backgrounds, saturated objects) and weak on natural
+  photographs, where a trained detector's maps should be used instead (`data.saliency_dir`).
 
-The two are complementary (the first finds compact, high-contrast structure, the second whole
-regions of unusual colour), so `saliency` takes a weighted mean; on the embedded dataset the mix
-beats either alone (adaptive-threshold F-measure 0.77 vs 0.73 / 0.51 on its 160 first training images). `fmeasure` and `mae` are the usual salient-object scores.
+The cues are complementary (compact high-contrast structure, whole regions of unusual colour,
+vivid regions), so `saliency` takes a weighted mean. `fill` closes and fills the binarised map:
+the cues find an object's edges and vivid parts but can miss its plain inside. Measured on 160
+training images of a tree written with another seed (`mcis data synth --seed 7`), foreground IoU
+at the adaptive threshold: 0.60 colour contrast alone, 0.67 with the spectral residual, 0.79 with
+saturation, 0.86 with the fill as well. `fmeasure` and `mae` are the usual salient-object scores.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from scipy import ndimage
 SR_SIDE = 64  # the spectral residual works on a small image (64 px in the paper)
 SR_SIGMA = 2.5  # smoothing of the residual map, in pixels of the small image
 FT_SIGMA = 1.0  # blur before the colour contrast, in pixels of the input
-FT_WEIGHT = 0.7  # share of the colour contrast in the mix
+FT_WEIGHT = 0.35  # shares of the colour contrast and the saturation in the mix; the rest is the
+SAT_WEIGHT = 0.5  # spectral residual
 
 
 def _resize(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -77,17 +84,36 @@ def colour_contrast(image: np.ndarray) -> np.ndarray:
     return _unit(np.linalg.norm(lab - lab.reshape(-1, 3).mean(axis=0), axis=-1))
 
 
+def saturation(image: np.ndarray) -> np.ndarray:
+    """HSV saturation (max - min) / max of the blurred image, min-max normalised; HxW in [0, 1]."""
+    rgb = ndimage.gaussian_filter(image.astype(np.float32), sigma=(FT_SIGMA, FT_SIGMA, 0))
+    high = rgb.max(axis=2)
+    return _unit((high - rgb.min(axis=2)) / np.maximum(high, 1.0))
+
+
 def saliency(image: np.ndarray) -> np.ndarray:
     """Saliency of one RGB uint8 image: float32 HxW in [0, 1]. Reads the image only."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"saliency expects an HxWx3 uint8 image, got {image.dtype} {image.shape}")
-    return _unit(FT_WEIGHT * colour_contrast(image) + (1 - FT_WEIGHT) * spectral_residual(image))
+    return _unit(FT_WEIGHT * colour_contrast(image) + SAT_WEIGHT * saturation(image)
+                 + (1 - FT_WEIGHT - SAT_WEIGHT) * spectral_residual(image))
 
 
 def binarize(sal: np.ndarray) -> np.ndarray:
     """1 where saliency reaches the adaptive threshold 2 x its mean (Achanta et al. 2009), else 0."""
     return (sal >= min(2.0 * float(sal.mean()), 1.0)).astype(np.float32)
+
+
+def fill(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Morphological closing with a disk of `radius` px, then hole filling, of a 0/1 map.
+
+    The closing takes the outside of the image as background, so salient pixels within `radius`
+    of the border are dropped: a boundary prior (what touches the frame is mostly background),
+    worth 0.025 of the foreground IoU quoted above against a closing that keeps them."""
+    y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    closed = ndimage.binary_closing(mask > 0, structure=x * x + y * y <= radius * radius)
+    return ndimage.binary_fill_holes(closed).astype(np.float32)
 
 
 def fmeasure(sal: np.ndarray, fg: np.ndarray, beta2: float = 0.3, valid: np.ndarray | None = None) -> float:

@@ -14,6 +14,7 @@ from mcis_cli import tracking
 from mcis_cli.cli import app
 from mcis_cli.config import PseudolabelCfg, load_config
 from mcis_cli.data import transforms, voc
+from mcis_cli.errors import McisError
 from mcis_cli.stages import localize
 from mcis_cli.stages import pseudolabel as pl
 
@@ -103,11 +104,10 @@ def test_saliency_folder_png_is_read_at_image_size(tmp_path):
     root = tmp_path / "voc"
     (root / "sal").mkdir(parents=True)
     Image.fromarray(np.full((8, 10), 255, np.uint8)).save(root / "sal" / "a.png")
-    cfg = load_config(CONFIG, [f"data.root={root}", "data.saliency_dir=sal", "pseudolabel.saliency=folder"])
+    cfg = load_config(CONFIG, [f"data.root={root}", "data.saliency_dir=sal", "pseudolabel.saliency=folder",
+                               "pseudolabel.binarize=none", "pseudolabel.fill_radius=0"])
     sal = pl.load_saliency(cfg, voc.Sample("a", root / "a.jpg", (0,)), np.zeros((16, 20, 3), np.uint8))
     assert sal.shape == (16, 20) and np.allclose(sal, 1)
-
-
 
 @pytest.mark.parametrize("binarize", ["none", "adaptive"])
 def test_saliency_is_binarised_at_twice_its_mean_when_asked(tmp_path, binarize):
@@ -116,10 +116,28 @@ def test_saliency_is_binarised_at_twice_its_mean_when_asked(tmp_path, binarize):
     values = np.array([[0, 20, 40, 200]], np.uint8)  # mean 65: the cut is 130
     Image.fromarray(values).save(root / "sal" / "a.png")
     cfg = load_config(CONFIG, [f"data.root={root}", "data.saliency_dir=sal", "pseudolabel.saliency=folder",
-                               f"pseudolabel.binarize={binarize}"])
+                               f"pseudolabel.binarize={binarize}", "pseudolabel.fill_radius=0"])
     sal = pl.load_saliency(cfg, voc.Sample("a", root / "a.jpg", (0,)), np.zeros((1, 4, 3), np.uint8))
     expected = [[0, 0, 0, 1]] if binarize == "adaptive" else values / 255
     np.testing.assert_allclose(sal, expected, atol=1e-6)
+
+
+def test_binarised_saliency_is_closed_and_filled_when_asked(tmp_path):
+    """A ring with a one-pixel gap becomes a solid disk; a strip along the border is dropped."""
+    root = tmp_path / "voc"
+    (root / "sal").mkdir(parents=True)
+    y, x = np.mgrid[:40, :40]
+    ring = (np.abs(np.hypot(y - 20, x - 20) - 8) <= 1.5) & ~((y == 20) & (x > 20))
+    blob = (y < 2) & (x > 10) & (x < 30)  # within the radius of the border
+    Image.fromarray(((ring | blob) * 255).astype(np.uint8)).save(root / "sal" / "a.png")
+    cfg = load_config(CONFIG, [f"data.root={root}", "data.saliency_dir=sal", "pseudolabel.saliency=folder",
+                               "pseudolabel.binarize=adaptive", "pseudolabel.fill_radius=2"])
+    sal = pl.load_saliency(cfg, voc.Sample("a", root / "a.jpg", (0,)), np.zeros((40, 40, 3), np.uint8))
+    assert (sal[np.hypot(y - 20, x - 20) <= 7] == 1).all()  # the inside and the gap are filled
+    assert not sal[blob].any() and not sal[np.hypot(y - 20, x - 20) > 10].any()
+    with pytest.raises(McisError, match="binarize=adaptive"):
+        load_config(CONFIG, ["pseudolabel.binarize=none", "pseudolabel.fill_radius=2"])
+
 
 # ---- the chain through the command line ---------------------------------------------------
 @pytest.mark.slow
@@ -130,7 +148,7 @@ def test_classify_localize_pseudolabel_cli(toy_root: Path, tmp_path, monkeypatch
         "name=chain", "device=cpu", f"output_dir={tmp_path / 'runs'}", f"data.root={toy_root}",
         "data.workers=0", "classify.epochs=1", "classify.checkpoint_epoch=0", "classify.input_size=32",
         "classify.batch_size=8", "classify.width=0.125", "classify.pretrained=false",
-        "localize.partners=2", "localize.batch_size=8", "pseudolabel.saliency=spectral",
+        "localize.partners=2", "localize.batch_size=8", "pseudolabel.saliency=computed",
         "pseudolabel.sweep=[0.2,0.3,0.5]",
         "pseudolabel.min_fg=0",  # a one-epoch classifier may find no foreground: keep the masks
 
@@ -181,7 +199,7 @@ def test_written_masks_do_not_depend_on_ground_truth(toy_root: Path, tmp_path):
     k = len(voc.class_names(toy_root)) + 1
     outcomes = {}
     for name, root in (("gt", toy_root), ("bare", bare)):
-        cfg = load_config(CONFIG, [f"data.root={root}", "pseudolabel.saliency=spectral"])
+        cfg = load_config(CONFIG, [f"data.root={root}", "pseudolabel.saliency=computed"])
         for sample in voc.train_samples(cfg.data)[:4]:
             outcomes[name, sample.id] = pl._process(cfg, sample, maps_dir, tmp_path / name, k)
     for sample in samples:

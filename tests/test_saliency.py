@@ -34,7 +34,7 @@ def test_contract_and_finds_the_object():
 
 def test_each_cue_finds_the_object_and_a_flat_image_gives_zeros():
     image, fg = _scene(seed=1, side=8)  # the spectral residual finds compact objects
-    for cue in (saliency.spectral_residual, saliency.colour_contrast):
+    for cue in (saliency.spectral_residual, saliency.colour_contrast, saliency.saturation):
         sal = cue(image)
         assert sal[fg].mean() > 2 * sal[~fg].mean()
     flat = np.full((32, 48, 3), 90, np.uint8)

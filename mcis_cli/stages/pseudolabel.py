@@ -112,17 +112,21 @@ def make_labels(maps, classes, sal, p: PseudolabelCfg, threshold: float | None =
 # ---- inputs ----------------------------------------------------------------------------------
 def load_saliency(cfg: Config, sample: voc.Sample, image: np.ndarray) -> np.ndarray:
     """Saliency in [0, 1] at the image size: the dataset's PNG (0..255) or computed from the
-    image, then binarised if configured."""
-    if cfg.pseudolabel.saliency == "spectral":
+    image, then binarised and filled if configured."""
+    p = cfg.pseudolabel
+    if p.saliency == "computed":
         sal = saliency.saliency(image)
     else:
         path = voc.saliency_path(cfg.data.root, cfg.data.saliency_dir, sample.id)
         if not path.is_file():
             raise McisError(f"saliency map not found: {path} (provide data.saliency_dir maps for every "
-                            f"training image, or --set pseudolabel.saliency=spectral)")
+                            f"training image, or --set pseudolabel.saliency=computed)")
         sal = transforms.load_image(path).astype(np.float32).mean(axis=2) / 255  # any PNG mode
         sal = transforms.resize(sal, image.shape[:2])
-    return saliency.binarize(sal) if cfg.pseudolabel.binarize == "adaptive" else sal
+    if p.binarize == "none":
+        return sal
+    sal = saliency.binarize(sal)
+    return saliency.fill(sal, p.fill_radius) if p.fill_radius else sal
 
 
 @dataclass
@@ -195,7 +199,7 @@ def run(cfg: Config, from_run: str | None = None, parent: str | None = None) -> 
     p = cfg.pseudolabel
     if p.background == "saliency" and p.saliency == "folder" and not cfg.data.saliency_dir:
         raise McisError("pseudolabel.saliency=folder needs data.saliency_dir (a folder of <id>.png "
-                        "saliency maps); set it, or use --set pseudolabel.saliency=spectral")
+                        "saliency maps); set it, or use --set pseudolabel.saliency=computed")
     source = tracking.resolve_run(cfg, "localize", from_run)
     maps_dir = source.fetch("maps")
     samples = voc.train_samples(cfg.data)

@@ -46,7 +46,7 @@ def chain(tmp_path_factory) -> SimpleNamespace:
             "classify.width": 0.125, "classify.pretrained": False, "classify.input_size": 32,
             "classify.batch_size": 16, "classify.epochs": 1, "classify.checkpoint_epoch": 0,
             "localize.partners": 1, "localize.batch_size": 8, "localize.cache_mb": 64,
-            "pseudolabel.background": "saliency", "pseudolabel.saliency": "spectral",
+            "pseudolabel.background": "saliency", "pseudolabel.saliency": "computed",
             "segment.width": 0.125, "segment.pretrained": False, "segment.batch_size": 4,
             "segment.crop": 33, "segment.iters": 4, "segment.val_every": 0,
             "segment.checkpoint_every": 4,
