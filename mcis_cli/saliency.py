@@ -101,8 +101,9 @@ def saliency(image: np.ndarray) -> np.ndarray:
 
 
 def binarize(sal: np.ndarray) -> np.ndarray:
-    """1 where saliency reaches the adaptive threshold 2 x its mean (Achanta et al. 2009), else 0."""
-    return (sal >= min(2.0 * float(sal.mean()), 1.0)).astype(np.float32)
+    """1 where saliency reaches the adaptive threshold 2 x its mean (Achanta et al. 2009), else 0;
+    a map of zeros (nothing stands out) stays all 0."""
+    return ((sal >= min(2.0 * float(sal.mean()), 1.0)) & (sal > 0)).astype(np.float32)
 
 
 def fill(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -109,6 +109,7 @@ def test_saliency_folder_png_is_read_at_image_size(tmp_path):
     sal = pl.load_saliency(cfg, voc.Sample("a", root / "a.jpg", (0,)), np.zeros((16, 20, 3), np.uint8))
     assert sal.shape == (16, 20) and np.allclose(sal, 1)
 
+
 @pytest.mark.parametrize("binarize", ["none", "adaptive"])
 def test_saliency_is_binarised_at_twice_its_mean_when_asked(tmp_path, binarize):
     root = tmp_path / "voc"

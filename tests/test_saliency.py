@@ -39,6 +39,7 @@ def test_each_cue_finds_the_object_and_a_flat_image_gives_zeros():
         assert sal[fg].mean() > 2 * sal[~fg].mean()
     flat = np.full((32, 48, 3), 90, np.uint8)
     assert not saliency.saliency(flat).any()
+    assert not saliency.binarize(saliency.saliency(flat)).any()  # not "everything is salient"
 
 
 def test_non_square_and_bad_input():
