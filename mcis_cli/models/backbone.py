@@ -74,10 +74,14 @@ class VGG16D1(nn.Module):
         return self.features(x)
 
 
-def imagenet_path(batch_norm: bool = False) -> Path:
-    """Where torchvision keeps the file: <torch hub dir>/checkpoints/vgg16[_bn]-*.pth."""
-    name = IMAGENET_WEIGHTS_BN if batch_norm else IMAGENET_WEIGHTS
+def hub_checkpoint(name: str) -> Path:
+    """Where torchvision keeps a weights file: <torch hub dir>/checkpoints/<name>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def imagenet_path(batch_norm: bool = False) -> Path:
+    """torchvision's ImageNet VGG16 file, vgg16[_bn]-*.pth, in the hub cache."""
+    return hub_checkpoint(IMAGENET_WEIGHTS_BN if batch_norm else IMAGENET_WEIGHTS)
 
 
 def imagenet_state_dict(batch_norm: bool = False) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from mcis_cli import metrics, runtime, tracking
 from mcis_cli.config import Config, SegmentCfg
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
-from mcis_cli.models.backbone import imagenet_path
+from mcis_cli.models.backbone import hub_checkpoint, imagenet_path
 from mcis_cli.models.deeplab import build_segmenter, param_groups
 from mcis_cli.progress import console, training_progress
 from mcis_cli.stages import StageResult
@@ -162,10 +162,7 @@ def _load_imagenet(model: nn.Module, seg: SegmentCfg) -> None:
             f"segment.pretrained needs segment.width 1 (got {seg.width}): ImageNet weights exist at "
             f"full width only; set segment.pretrained=false"
         )
-    if seg.arch == "resnet101":
-        path = Path(torch.hub.get_dir()) / "checkpoints" / RESNET101_WEIGHTS
-    else:
-        path = imagenet_path(seg.batch_norm)
+    path = hub_checkpoint(RESNET101_WEIGHTS) if seg.arch == "resnet101" else imagenet_path(seg.batch_norm)
     name = path.name
     if not path.is_file():
         raise McisError(
