@@ -81,6 +81,15 @@ def kill_resume_compare(tmp: Path, uri: str, stage: str, config: Path, extra: li
     return {"step": step, "run_id": run_id}
 
 
+def _config(tmp_path, toy_root, stage: str, workers: int, **options):
+    """A deterministic CPU config for one training stage, flushing metrics at every step."""
+    return procs.write_config(
+        tmp_path / f"{stage}.yaml", name=tmp_path.name, seed=0, deterministic=True, device="cpu",
+        output_dir="runs", **{"data.root": str(toy_root), "data.workers": workers,
+                              "tracking.flush_every": 1,
+                              **{f"{stage}.{key}": value for key, value in options.items()}})
+
+
 # a kill before the first checkpoint (resume starts over) and one after it (resume continues)
 # (the last steps are left out: a poll that lags on two busy cores must still find the run alive)
 CLASSIFY_WINDOWS = {"first-epoch": (0, 1), "later": (3, 5)}  # checkpoints after steps 2, 5, 8
@@ -90,15 +99,9 @@ SEGMENT_WINDOWS = {"before-checkpoint": (0, 2), "later": (5, 17)}  # checkpoints
 @pytest.mark.parametrize("window", CLASSIFY_WINDOWS)
 def test_kill_classify_then_resume_gives_the_uninterrupted_weights(toy_root, tmp_path, uri, window):
     """3 epochs of 3 steps; the victim dies at a random step of the window."""
-    config = procs.write_config(
-        tmp_path / "classify.yaml", name=tmp_path.name, seed=0, deterministic=True, device="cpu",
-        output_dir="runs", **{
-            "data.root": str(toy_root), "data.workers": 0, "classify.width": 0.125,
-            "classify.pretrained": False, "classify.input_size": 32, "classify.batch_size": 16,
-            "classify.epochs": 3, "classify.lr": 0.01, "classify.decay_epochs": [2],
-            "classify.checkpoint_epoch": 1, "classify.contrastive_from_epoch": 1,
-            "classify.log_every": 1, "tracking.flush_every": 1,
-        })
+    config = _config(tmp_path, toy_root, "classify", workers=0, width=0.125, pretrained=False,
+                     input_size=32, batch_size=16, epochs=3, lr=0.01, decay_epochs=[2],
+                     checkpoint_epoch=1, contrastive_from_epoch=1, log_every=1)
     kill_resume_compare(
         tmp_path, uri, "classify", config, [], "loss/total", CLASSIFY_WINDOWS[window], 9,
         lambda folder: load_checkpoint(folder / "checkpoints" / "last.pt")["model"])
@@ -107,14 +110,9 @@ def test_kill_classify_then_resume_gives_the_uninterrupted_weights(toy_root, tmp
 @pytest.mark.parametrize("window", SEGMENT_WINDOWS)
 def test_kill_segment_then_resume_gives_the_uninterrupted_weights(toy_root, tmp_path, uri, window):
     """24 iterations, a checkpoint every 5, dropout on, one DataLoader worker (killed with it)."""
-    config = procs.write_config(
-        tmp_path / "segment.yaml", name=tmp_path.name, seed=0, deterministic=True, device="cpu",
-        output_dir="runs", **{
-            "data.root": str(toy_root), "data.workers": 1, "segment.width": 0.125,
-            "segment.pretrained": False, "segment.batch_size": 4, "segment.crop": 33,
-            "segment.iters": 24, "segment.lr": 0.01, "segment.dropout": 0.5, "segment.log_every": 1,
-            "segment.val_every": 0, "segment.checkpoint_every": 5, "tracking.flush_every": 1,
-        })
+    config = _config(tmp_path, toy_root, "segment", workers=1, width=0.125, pretrained=False,
+                     batch_size=4, crop=33, iters=24, lr=0.01, dropout=0.5, log_every=1,
+                     val_every=0, checkpoint_every=5)
     kill_resume_compare(
         tmp_path, uri, "segment", config, ["--labels", "gt"], "loss", SEGMENT_WINDOWS[window], 24,
         lambda folder: load_checkpoint(folder / "checkpoints" / "model.pt")["state_dict"])
