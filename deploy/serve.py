@@ -31,24 +31,26 @@ def pending(inbox: Path) -> list[Path]:
 
 
 def move(paths: list[Path], folder: Path) -> None:
+    if not paths:
+        return
     folder.mkdir(exist_ok=True)
     for path in paths:
         path.replace(folder / path.name)
 
 
 def process(model: Path, batch: list[Path], outbox: Path, provider: str) -> None:
-    """Segment a batch; if it fails, retry image by image so one bad file fails alone."""
+    """Segment a batch; images that cannot be read go to failed/ with the reason printed."""
     try:
-        print(predict.run(model, [str(p) for p in batch], outbox, provider=provider), flush=True)
-    except McisError as exc:
-        if len(batch) > 1:
-            for path in batch:
-                process(model, [path], outbox, provider)
-            return
-        print(f"failed: {batch[0].name}: {exc}", file=sys.stderr, flush=True)
+        result = predict.run(model, [str(p) for p in batch], outbox, provider=provider)
+    except McisError as exc:  # no image of the batch could be read
+        print(f"failed: {exc}", file=sys.stderr, flush=True)
         move(batch, batch[0].parent / "failed")
         return
-    move(batch, batch[0].parent / "done")
+    print(result, flush=True)
+    for reason in result.failed.values():
+        print(f"failed: {reason}", file=sys.stderr, flush=True)
+    for folder, keep in (("done", False), ("failed", True)):
+        move([p for p in batch if (p.resolve() in result.failed) == keep], batch[0].parent / folder)
 
 
 def main(argv: list[str] | None = None) -> int:

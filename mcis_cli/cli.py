@@ -33,7 +33,9 @@ err = Console(stderr=True)
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a key: --set classify.lr=0.01")]
 FromRunOpt = Annotated[
-    str | None, typer.Option("--from-run", help="Input run id (default: latest finished one).")
+    str | None,
+    typer.Option("--from-run", help="Input run id (default: the method's newest finished run, never a "
+                                    "baseline's or the ceiling's)."),
 ]
 ResumeOpt = Annotated[str | None, typer.Option("--resume", help="Continue this interrupted run.")]
 
@@ -214,11 +216,13 @@ def export(
     sets: SetOpt = [],  # noqa: B006
     from_run: FromRunOpt = None,
     out_path: Annotated[Path | None, typer.Option("--out", help="Where to write the .onnx file.")] = None,
+    ceiling: Annotated[bool, typer.Option(
+        "--ceiling", help="Allow exporting the fully supervised ceiling (a --labels gt run).")] = False,
 ) -> None:
     """Export the segmentation model to ONNX, check parity, register it."""
     from mcis_cli.stages import export as stage
 
-    _summary("export", stage.run(_load(config, sets), from_run=from_run, out=out_path))
+    _summary("export", stage.run(_load(config, sets), from_run=from_run, out=out_path, ceiling=ceiling))
 
 
 @app.command()
@@ -234,8 +238,12 @@ def predict(
 
     if provider not in ("auto", "cpu", "cuda"):
         raise McisError(f"--provider must be auto, cpu or cuda, got {provider!r}")
-    summary = stage.run(model, images, out_dir, provider=provider)
-    out.print(summary)
+    result = stage.run(model, images, out_dir, provider=provider)
+    out.print(str(result), highlight=False)
+    for reason in result.failed.values():
+        err.print(f"[bold red]error:[/] {reason}", highlight=False, soft_wrap=True)
+    if result.failed:
+        raise typer.Exit(2)
 
 
 @app.command()

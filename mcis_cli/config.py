@@ -1,7 +1,7 @@
 """One typed config for every stage: YAML file + dotted `--set key=value` overrides.
 
-Defaults are the official MCIS values (see configs/voc12_vgg16.yaml for their sources);
-configs/toy.yaml shrinks them for the embedded dataset on a CPU.
+Defaults are the official MCIS values (configs/voc12_vgg16.yaml sets each with its source);
+configs/toy.yaml starts from that file and shrinks the recipe for the embedded dataset on a CPU.
 """
 
 from __future__ import annotations
@@ -298,14 +298,32 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def unset_keys(tree: dict[str, Any]) -> list[str]:
+    """The config keys a tree leaves to the built-in defaults (a section set as a whole counts)."""
+    given = flatten(tree)
+    return [key for key in Config().flat()
+            if not any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in given)]
+
+
 def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file with its `base:` chain resolved: `base: other.yaml` (relative to the file)
-    supplies every key the file does not set, so a variant config lists only what differs."""
+    supplies every key the file does not set, so a variant config lists only what differs.
+
+    A file without `base:` must set every key (as voc12_vgg16.yaml does): a partial one would
+    silently take the rest from the built-in defaults, the full-size VOC recipe.
+    """
     if path.resolve() in seen:
         raise McisError(f"config {path} includes itself through `base:`")
     tree = _read_yaml(path)
     base = tree.pop("base", None)
     if base is None:
+        unset = unset_keys(tree)
+        if unset:
+            raise McisError(
+                f"config {path} has no `base:` and leaves {len(unset)} keys unset ({', '.join(unset[:3])}, "
+                "...); start it with `base: toy.yaml` (the embedded recipe) or `base: voc12_vgg16.yaml` "
+                "(the official one), given relative to the file"
+            )
         return tree
     if not isinstance(base, str):
         raise McisError(f"`base:` in {path} must be a file name, got {base!r}")
@@ -326,3 +344,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(tree)
     except ValidationError as exc:
         raise McisError(_describe(exc, "--set")) from None
+
+
+def load_logged(path: str | Path) -> Config:
+    """A run's logged config.yaml: complete when written, so it needs no `base:`; a key added to
+    the config since then takes its default."""
+    try:
+        return Config.model_validate(_read_yaml(Path(path)))
+    except ValidationError as exc:
+        raise McisError(_describe(exc, str(path))) from None

@@ -21,6 +21,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
+    os.fchmod(fd, new_file_mode())  # results are for others to read too, as the umask allows
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -34,6 +35,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (setting it to read
+    it back would race with threads creating files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file (0644 under a 022 umask); mkstemp's is 0600."""
+    return 0o666 & ~umask()
 
 
 def remove_partials(folder: str | Path) -> int:

@@ -22,7 +22,6 @@ from mcis_cli.config import Config
 from mcis_cli.errors import McisError
 from mcis_cli.stages import StageResult
 
-STEP_TAG = "mcis.step"
 ABLATION_TAG = "mcis.ablation"
 
 
@@ -58,19 +57,21 @@ def ensure_data(cfg: Config, console: Console) -> None:
 
 
 class Steps:
-    """Runs named steps as nested runs of the parent, reusing those a failed attempt finished."""
+    """Runs named steps as nested runs of the parent, reusing those a failed attempt finished.
 
-    def __init__(self, cfg: Config, parent_id: str, done: dict[str, tracking.SourceRun], console: Console):
-        self.cfg, self.parent_id, self.done, self.console = cfg, parent_id, done, console
+    Each step's run is created named after the step and tagged with it (`tracking.Nest`), so the
+    compare view tells `segment` from `segment_gt`, and a half-done step is never taken for another.
+    """
 
-    def __call__(self, name: str, call: Callable[[str], StageResult], **tags: str) -> StageResult:
+    def __init__(self, parent_id: str, done: dict[str, tracking.SourceRun], console: Console):
+        self.parent_id, self.done, self.console = parent_id, done, console
+
+    def __call__(self, name: str, call: Callable[[tracking.Nest], StageResult], **tags: str) -> StageResult:
         if name in self.done:
             self.console.print(f"[dim]{name}: reusing finished run {self.done[name].run_id}[/]")
             return StageResult(self.done[name].run_id, self.done[name].metrics)
         self.console.rule(f"[bold]{name}")
-        result = call(self.parent_id)
-        tracking.set_run_tags(self.cfg, result.run_id, {STEP_TAG: name, **tags})
-        return result
+        return call(tracking.Nest(self.parent_id, name, tags))
 
 
 def method_steps(cfg: Config, step: Steps) -> dict[str, StageResult]:
@@ -117,8 +118,8 @@ def run(cfg: Config, ablation: bool = False, console: Console | None = None) -> 
     started = time.time()
     with tracking.stage_run(cfg, "pipeline", resume=resume, run_name="pipeline") as parent:
         parent.set_tags({"mcis.config_hash": digest})
-        done = tracking.finished_children(cfg, parent.run_id, STEP_TAG) if resume else {}
-        step = Steps(cfg, parent.run_id, done, console)
+        done = tracking.finished_children(cfg, parent.run_id, tracking.STEP_TAG) if resume else {}
+        step = Steps(parent.run_id, done, console)
         results = method_steps(cfg, step)
         rows = result_rows(results, setting1_metrics(cfg, console), cfg.pipeline.compare_to)
         table = results_table(rows)
@@ -224,7 +225,8 @@ def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker,
     for v in variants:
         for seed in cfg.pipeline.ablation_seeds:
             seeded = v.cfg.model_copy(update={"seed": seed})
-            prefix, tags = f"ablation/{v.key}/seed{seed}", {ABLATION_TAG: v.key, "mcis.seed": str(seed)}
+            prefix = f"ablation/{v.key}/seed{seed}"
+            tags = {tracking.ROLE_TAG: tracking.ABLATION, ABLATION_TAG: v.key, "mcis.seed": str(seed)}
             key = (seeded.classify.model_dump_json(), seed)
             if key not in trained:
                 trained[key] = step(f"{prefix}/classify", lambda p, c=seeded: classify.run(c, parent=p),

@@ -21,18 +21,23 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from mcis_cli.config import Config, load_config
+from mcis_cli.config import Config, load_logged
 from mcis_cli.errors import McisError
 from mcis_cli.files import atomic_path, exclusive_file, remove_partials
+from mcis_cli.progress import console
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 STAGE_TAG = "mcis.stage"
 SOURCE_TAG = "mcis.source_run"
+STEP_TAG = "mcis.step"  # a pipeline's name for the step a nested run is: classify, segment_gt, ...
+ROLE_TAG = "mcis.role"  # which chain a run belongs to: one of ROLES
+METHOD, BASELINE, CEILING, ABLATION = "method", "baseline", "ceiling", "ablation"
+LABELS_TAG = "mcis.labels"  # set by segment: "gt" marks the fully supervised ceiling
 MAX_BUFFER = 100_000  # metrics kept while a server is away
 RETRY_SECONDS = 30.0  # after a failed flush, steps only buffer until this much time has passed
 PROCESS_TAG = "mcis.process"  # "<host>:<pid>:<start>" of the process that has the run open
@@ -105,8 +110,12 @@ def client(cfg: Config | None = None):
     return mlc
 
 
+def experiment_name(cfg: Config) -> str:
+    return cfg.tracking.experiment or cfg.name
+
+
 def experiment_id(mlc, cfg: Config) -> str:
-    name = cfg.tracking.experiment or cfg.name
+    name = experiment_name(cfg)
     found = mlc.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -443,19 +452,40 @@ def workdir(cfg: Config, run_id: str) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Nest:
+    """Where a pipeline puts a stage's run: under the parent run, named and tagged as its step."""
+
+    parent: str
+    step: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def chain_role(stage: str, cfg: Config, source: SourceRun | None) -> str:
+    """The chain a new run continues: its source's, else BASELINE for plain CAM, else METHOD."""
+    if source is not None and source.role != METHOD:
+        return source.role
+    if (stage == "classify" and cfg.classify.method == "cam") or (stage == "localize" and cfg.localize.method == "cam"):
+        return BASELINE
+    return METHOD
+
+
 @contextmanager
 def stage_run(
     cfg: Config,
     stage: str,
     *,
-    source_run: str | None = None,
+    source: SourceRun | None = None,
+    role: str | None = None,
     resume: str | None = None,
-    parent: str | None = None,
+    parent: Nest | None = None,
     run_name: str | None = None,
     enabled: bool = True,
 ) -> Iterator[Tracker]:
     """Open (or with `resume`, reopen) a run of `stage`; mark it FAILED/KILLED on error.
 
+    The run is tagged with its source and its role (by default the source's chain, see
+    `chain_role`), so that the next stage's `resolve_run` follows the method, never a baseline.
     The run records which process holds it open (PROCESS_TAG), and its local folder
     output_dir/<run id> is locked while it is open (by output_dir/.<run id>.lock).
     First, every run of the experiment left RUNNING by a process that is gone (kill -9) is
@@ -485,7 +515,8 @@ def stage_run(
             close_dead_runs(mlc, exp)
             tags = {
                 STAGE_TAG: stage,
-                SOURCE_TAG: source_run or "",
+                SOURCE_TAG: source.run_id if source else "",
+                ROLE_TAG: role or chain_role(stage, cfg, source),
                 PROCESS_TAG: process_identity(),
                 "mcis.dataset": cfg.data.root,
                 "mcis.dataset_fingerprint": dataset_fingerprint(cfg.data.root),
@@ -493,8 +524,8 @@ def stage_run(
                 "mlflow.source.name": "mcis " + stage,
             }
             if parent:
-                tags["mlflow.parentRunId"] = parent
-            run = mlc.create_run(exp, tags=tags, run_name=run_name or stage)
+                tags |= {"mlflow.parentRunId": parent.parent, STEP_TAG: parent.step, **parent.tags}
+            run = mlc.create_run(exp, tags=tags, run_name=run_name or (parent.step if parent else stage))
             run_id = run.info.run_id
         tracker = Tracker(mlc, run_id, cfg.tracking.flush_every, uri)
         unsent = Path(cfg.output_dir) / run_id / UNSENT
@@ -619,8 +650,13 @@ class SourceRun:
             return local
         return self.fetch(artifact_path) if self.has(artifact_path) else None
 
+    @property
+    def role(self) -> str:
+        """METHOD, BASELINE, CEILING or ABLATION; runs logged before roles were tagged: by labels."""
+        return self.tags.get(ROLE_TAG) or (CEILING if self.tags.get(LABELS_TAG) == "gt" else METHOD)
+
     def config(self) -> Config:
-        return load_config(self.fetch("config.yaml"))
+        return load_logged(self.fetch("config.yaml"))
 
     def require_same(self, cfg: Config, section: str) -> None:
         """A resume continues the run as it was logged: a changed `section` setting needs a new run."""
@@ -632,35 +668,61 @@ class SourceRun:
 
 
 def resolve_run(cfg: Config, stages: str | tuple[str, ...], run_id: str | None = None) -> SourceRun:
-    """The run given by id (checked to be of one of `stages`), else the latest finished one."""
+    """A stage's input, said on stderr: the run given by id (checked to be of one of `stages`),
+    else the newest finished run of the method's own chain (ROLE_TAG method), never a baseline,
+    an ablation variant or the fully supervised ceiling, however recent."""
     stages = (stages,) if isinstance(stages, str) else stages
-    mlc = client(cfg)
     if run_id:
-        run = _get_run(mlc, run_id, cfg)
-        stage = run.data.tags.get(STAGE_TAG)
-        if stage not in stages:
-            raise McisError(
-                f"run {run_id} is a {stage!r} run; this command needs a {' or '.join(stages)} run"
-            )
+        source = get_run(cfg, run_id, stages)
+        why = "as given" + ("" if source.role == METHOD else f"; a {source.role} run")
     else:
-        name = cfg.tracking.experiment or cfg.name
-        experiment = mlc.get_experiment_by_name(name)
-        runs = []
-        for stage in stages if experiment is not None else ():  # tags take no IN in MLflow search
-            runs += mlc.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-        runs.sort(key=lambda r: r.info.start_time, reverse=True)
-        if not runs:
-            raise McisError(
-                f"no finished {' or '.join(stages)} run in experiment {name!r} at {tracking_uri(cfg)}; "
-                f"run `mcis {stages[0]}` first or pass --from-run RUN_ID"
-            )
-        run = runs[0]
+        source, why = _newest_method_run(cfg, stages)
+    console.print(f"input: {source.stage} run {source.run_id} ({why})", highlight=False, soft_wrap=True)
+    return source
+
+
+def get_run(cfg: Config, run_id: str, stages: str | tuple[str, ...]) -> SourceRun:
+    """The run `run_id`, checked to be of one of `stages`."""
+    stages = (stages,) if isinstance(stages, str) else stages
+    run = _get_run(client(cfg), run_id, cfg)
+    stage = run.data.tags.get(STAGE_TAG)
+    if stage not in stages:
+        raise McisError(f"run {run_id} is a {stage!r} run; this command needs a {' or '.join(stages)} run")
     return _source(cfg, run)
+
+
+def _newest(mlc, experiment_id: str, stages: tuple[str, ...], clause: str = ""):
+    """The newest FINISHED run of any of `stages` matching the extra filter `clause`, or None."""
+    runs = []
+    for stage in stages:  # tags take no IN in MLflow search
+        runs += mlc.search_runs(
+            [experiment_id], f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'{clause}",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+    return max(runs, key=lambda r: r.info.start_time, default=None)
+
+
+def _newest_method_run(cfg: Config, stages: tuple[str, ...]) -> tuple[SourceRun, str]:
+    """The newest finished method run of `stages`, and why it was chosen (which pipeline step it
+    is, which newer run of another chain it passed over)."""
+    mlc = client(cfg)
+    name = experiment_name(cfg)
+    experiment = mlc.get_experiment_by_name(name)
+    found = experiment and _newest(mlc, experiment.experiment_id, stages, f" and tags.`{ROLE_TAG}` = '{METHOD}'")
+    if not found:
+        raise McisError(
+            f"no finished {' or '.join(stages)} run of the method in experiment {name!r} at "
+            f"{tracking_uri(cfg)}; run `mcis {stages[0]}` first or pass --from-run RUN_ID"
+        )
+    source = _source(cfg, found)
+    step = source.tags.get(STEP_TAG)
+    why = "the newest finished run of the method" + (
+        f": step {step} of pipeline run {source.tags.get('mlflow.parentRunId')}" if step else "")
+    newest = _newest(mlc, experiment.experiment_id, stages)
+    if newest.info.run_id != source.run_id:
+        role = newest.data.tags.get(ROLE_TAG, "untagged")
+        why += f"; the newer {role} run {newest.info.run_id} is passed over (--from-run takes it)"
+    return source, why
 
 
 def _source(cfg: Config, run) -> SourceRun:
@@ -672,7 +734,7 @@ def find_runs(cfg: Config, stage: str, finished: bool = True, **tags: str) -> li
     """Runs of `stage` in the config's experiment carrying the given tags, newest first:
     the FINISHED ones, or with finished=False the ones that did not finish."""
     mlc = client(cfg)
-    experiment = mlc.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
+    experiment = mlc.get_experiment_by_name(experiment_name(cfg))
     if experiment is None:
         return []
     status = "= 'FINISHED'" if finished else "!= 'FINISHED'"
@@ -694,9 +756,3 @@ def finished_children(cfg: Config, parent_id: str, key_tag: str) -> dict[str, So
         order_by=["attributes.start_time DESC"],
     )
     return {r.data.tags[key_tag]: _source(cfg, r) for r in runs if key_tag in r.data.tags}
-
-
-def set_run_tags(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
-    mlc = client(cfg)
-    for key, value in tags.items():
-        mlc.set_tag(run_id, key, str(value))

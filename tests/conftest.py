@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One tracking database per test module, in a temp folder that is also the working directory
     (creating a database costs seconds); tests in a module differ by experiment name."""
     tmp = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-        patch.chdir(tmp)
-        yield tmp
+    umask = os.umask(0o022)  # the usual one, under which every written file must be readable by others
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+            patch.chdir(tmp)
+            yield tmp
+    finally:
+        os.umask(umask)

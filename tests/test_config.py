@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mcis_cli.cli import app
-from mcis_cli.config import Config, load_config
+from mcis_cli.config import Config, load_config, unset_keys
 from mcis_cli.errors import McisError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,8 @@ def test_official_recipe_keeps_the_paper_architecture_and_optimiser():
 
 
 def test_base_chain_merges_sections_and_refuses_loops(tmp_path):
-    (tmp_path / "a.yaml").write_text("name: a\nseed: 3\nclassify: {epochs: 4, lr: 0.5}\n")
+    official = REPO / "configs" / "voc12_vgg16.yaml"
+    (tmp_path / "a.yaml").write_text(f"base: {official}\nname: a\nseed: 3\nclassify: {{epochs: 4, lr: 0.5}}\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\nclassify: {epochs: 9}\n")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.yaml").write_text("base: ../b.yaml\nname: c\n")
@@ -51,6 +52,21 @@ def test_base_chain_merges_sections_and_refuses_loops(tmp_path):
     (tmp_path / "d.yaml").write_text("base: missing.yaml\nname: d\n")
     with pytest.raises(McisError, match="config file not found: .*missing.yaml"):
         load_config(tmp_path / "d.yaml")
+
+
+def test_a_partial_config_without_base_is_refused_in_one_line(tmp_path):
+    partial = tmp_path / "mine.yaml"
+    partial.write_text("classify: {epochs: 1}\n")
+    with pytest.raises(McisError, match=r"mine.yaml has no `base:` and leaves \d+ keys unset .*base: toy.yaml"):
+        load_config(partial)
+    result = CliRunner().invoke(app, ["config", "show", "--config", str(partial)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    partial.write_text(f"base: {REPO / 'configs' / 'toy.yaml'}\nclassify: {{epochs: 1}}\n")
+    cfg = load_config(partial)
+    assert (cfg.name, cfg.classify.epochs, cfg.classify.width) == ("toy", 1, 0.125)
+    complete = tmp_path / "resolved.yaml"  # what a run logs as config.yaml sets every key
+    complete.write_text(cfg.to_yaml())
+    assert load_config(complete) == cfg and unset_keys(yaml.safe_load(cfg.to_yaml())) == []
 
 
 def test_set_overrides_coerce_types(tmp_path):
@@ -73,7 +89,7 @@ def test_flat_params_cover_every_leaf():
 
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "cfg.yaml"
-    path.write_text(text)
+    path.write_text(f"base: {REPO / 'configs' / 'toy.yaml'}\n{text}")
     return path
 
 

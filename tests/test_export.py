@@ -116,11 +116,12 @@ def test_registered_version_is_tagged_and_served(exported, tmp_path):
     assert uri == "models:/mcis-deeplab/1"
     tags = MlflowClient().get_model_version("mcis-deeplab", "1").tags
     assert tags["miou"] == "0.42" and tags["mcis.source_run"] == source
+    assert (tags["mcis.role"], tags["mcis.labels"]) == ("method", "pseudo")
     rng = np.random.default_rng(0)
     image = np.kron(rng.integers(0, 256, (6, 7, 3)), np.ones((8, 8, 1))).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "x.png")
     summary = predict.run(uri, [str(tmp_path / "x.png")], tmp_path / "registry")
-    assert summary.startswith("1 image ->")
+    assert str(summary).startswith("1 image ->")
     predict.run(result.outputs["onnx"], [str(tmp_path / "x.png")], tmp_path / "file")
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "registry" / "x.png")),
                                   np.asarray(Image.open(tmp_path / "file" / "x.png")))
@@ -148,7 +149,7 @@ def test_source_miou_prefers_the_latest_evaluate_run(store):
     source_id = segment_run(cfg, spread_model(), val_miou=0.3)
     source = tracking.resolve_run(cfg, "segment", source_id)
     assert export.source_miou(cfg, source) == (0.3, f"segment run {source_id} val/miou")
-    with tracking.stage_run(cfg, "evaluate", source_run=source_id) as tracker:
+    with tracking.stage_run(cfg, "evaluate", source=source) as tracker:
         tracker.log_metrics({"miou": 0.55})
     assert export.source_miou(cfg, source) == (0.55, f"evaluate run {tracker.run_id}")
 

@@ -51,7 +51,7 @@ def tiny_config(tmp_path: Path, toy_root: Path, name: str, **sections) -> Path:
 def _children(mlc: MlflowClient, parent_id: str) -> dict[str, object]:
     parent = mlc.get_run(parent_id)
     runs = mlc.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    return {r.data.tags[pipeline.STEP_TAG]: r for r in runs if pipeline.STEP_TAG in r.data.tags}
+    return {r.data.tags[tracking.STEP_TAG]: r for r in runs if tracking.STEP_TAG in r.data.tags}
 
 
 def _artifact_count(mlc: MlflowClient, run_id: str, path: str) -> int:
@@ -61,6 +61,10 @@ def _artifact_count(mlc: MlflowClient, run_id: str, path: str) -> int:
     if entry is None:
         return 0
     return len(mlc.list_artifacts(run_id, path)) if entry.is_dir else 1
+
+
+def _newest_version(mlc: MlflowClient, name: str):
+    return max(mlc.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
 
 
 def _pipeline_runs(mlc: MlflowClient, name: str) -> list:
@@ -121,6 +125,33 @@ def test_pipeline_runs_every_stage_then_resumes_after_a_failure(tmp_path, toy_ro
     assert summary["ceiling/fraction"] == pytest.approx(m["evaluate"]["miou"] / m["evaluate_gt"]["miou"])
     results = Path(mlc.download_artifacts(parent.info.run_id, "results.md", str(tmp_path)))
     assert all(key in results.read_text() for _, key, _ in pipeline.result_rows({}))
+    assert all(run.info.run_name == name for name, run in children.items())  # segment vs segment_gt
+
+    # after the pipeline, the commands' defaults follow the method, never a baseline or the ceiling
+    exported = CliRunner().invoke(app, ["export", "--config", str(config)])
+    assert exported.exit_code == 0, exported.output
+    assert f"step segment of pipeline run {parent.info.run_id}" in exported.output
+    version = _newest_version(mlc, "mcis-deeplab")
+    assert version.tags[tracking.SOURCE_TAG] == children["segment"].info.run_id
+    assert (version.tags[tracking.ROLE_TAG], version.tags[tracking.LABELS_TAG]) == ("method", "pseudo")
+    ceiling = ["export", "--config", str(config), "--from-run", children["segment_gt"].info.run_id]
+    refused = CliRunner().invoke(app, ceiling)
+    assert refused.exit_code == 2 and "fully supervised ceiling" in refused.stderr
+    assert _newest_version(mlc, "mcis-deeplab").version == version.version
+    on_purpose = CliRunner().invoke(app, [*ceiling, "--ceiling"])
+    assert on_purpose.exit_code == 0, on_purpose.output
+    tags = _newest_version(mlc, "mcis-deeplab").tags
+    assert (tags[tracking.ROLE_TAG], tags[tracking.LABELS_TAG]) == ("ceiling", "gt")
+    localized = CliRunner().invoke(app, ["localize", "--config", str(config)])
+    assert localized.exit_code == 0, localized.output
+    newest = tracking.find_runs(load_config(config), "localize")[0]
+    assert newest.tags[tracking.SOURCE_TAG] == children["classify"].info.run_id
+    assert newest.tags[tracking.ROLE_TAG] == "method"
+
+    # everything written is readable by others under the usual 022 umask (set by the store fixture)
+    written = [p for folder in (tmp_path / "runs", Path("mlruns")) for p in folder.rglob("*") if p.is_file()]
+    assert len(written) > 100
+    assert [p for p in written if p.stat().st_mode & 0o044 != 0o044] == []
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,9 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
+from mcis_cli.cli import app
 from mcis_cli.data import transforms
 from mcis_cli.errors import McisError
 from mcis_cli.stages import export, predict
@@ -46,8 +49,9 @@ def images(tmp_path):
 
 def test_masks_equal_torch_on_training_preprocessing(model_file, images, tmp_path):
     model, path = model_file
-    summary = predict.run(path, [str(images)], tmp_path / "out", provider="cpu")
-    assert summary.startswith("3 images") and "CPUExecutionProvider" in summary
+    result = predict.run(path, [str(images)], tmp_path / "out", provider="cpu")
+    assert str(result).startswith("3 images") and "CPUExecutionProvider" in str(result)
+    assert result.written == 3 and not result.failed
     for stem in ("a", "b", "c"):
         source = next(images.glob(f"{stem}.*"))
         image = transforms.load_image(source)
@@ -132,8 +136,8 @@ def test_bad_image_inputs(model_file, tmp_path, images):
     broken = tmp_path / "broken.jpg"
     broken.write_text("not a jpeg")
     with pytest.raises(McisError, match=r"broken\.jpg: corrupt or unreadable image"):
-        predict.run(path, [str(images), str(broken)], tmp_path / "out")
-    assert not (tmp_path / "out").exists()  # checked before anything is written
+        predict.run(path, [str(broken)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing to segment: nothing written
     twin = tmp_path / "a.jpg"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(twin)
     with pytest.raises(McisError, match="would both write a.png"):
@@ -152,3 +156,31 @@ def test_serving_path_never_imports_torch(model_file, images, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "3 images" in done.stdout
     assert (tmp_path / "out" / "c.png").is_file()
+
+
+def test_one_bad_image_leaves_the_good_ones_segmented(model_file, images, tmp_path):
+    broken = tmp_path / "notes.jpg"
+    broken.write_text("not a jpeg")
+    out = tmp_path / "out"
+    args = ["predict", str(images / "a.png"), str(broken), str(images / "c.png"),
+            "--model", str(model_file[1]), "--out", str(out), "--provider", "cpu"]
+    umask = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        os.umask(umask)
+    assert result.exit_code == 2, result.output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["a.png", "a_overlay.jpg", "c.png", "c_overlay.jpg"]
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}  # not mkstemp's 0600
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "notes.jpg" in errors[0] and "corrupt or unreadable" in errors[0]
+    assert "2 images" in result.stdout and "1 could not be read" in result.stdout
+
+
+def test_an_out_folder_that_cannot_exist_is_bad_input(model_file, images):
+    result = CliRunner().invoke(app, ["predict", str(images / "a.png"), "--model", str(model_file[1]),
+                                      "--out", "/proc/nope"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error:") and "/proc/nope" in result.stderr
+    assert "Traceback" not in result.output

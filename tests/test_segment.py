@@ -181,7 +181,12 @@ def test_segment_gt_run_logs_poly_lr_loss_and_model(toy_root, store):
     assert [v for _, v in lrs] == pytest.approx([0.01 * (1 - i / 6) ** 0.9 for i in range(6)])
     assert len(mlc.get_metric_history(run.run_id, "loss")) == 6
     assert [m.step for m in mlc.get_metric_history(run.run_id, "val/miou")] == [3, 6]
-    assert run.tags[tracking.SOURCE_TAG] == ""
+    per_class = {k.removeprefix("val/iou/"): v for k, v in mlc.get_run(run.run_id).data.metrics.items()
+                 if k.startswith("val/iou/")}
+    assert "background" in per_class and len(per_class) > 1  # classes absent from val are left out
+    assert all(0.0 <= v <= 1.0 for v in per_class.values())
+    assert [m.step for m in mlc.get_metric_history(run.run_id, "val/iou/background")] == [3, 6]
+    assert run.tags[tracking.SOURCE_TAG] == "" and run.tags[tracking.ROLE_TAG] == tracking.CEILING
     model, meta = segment.load_segmenter(run.fetch(segment.MODEL))
     names = ["background", *voc.class_names(toy_root)]
     assert meta["class_names"] == names and meta["num_classes"] == len(names)
@@ -202,7 +207,7 @@ def test_pseudo_labels_come_from_the_pseudolabel_run(toy_root, store):
         source = tracker.run_id
     result = segment.run(cfg, from_run=source)
     run = tracking.resolve_run(cfg, "segment", result.run_id)
-    assert run.tags[tracking.SOURCE_TAG] == source and run.tags[segment.LABELS_TAG] == "pseudo"
+    assert run.tags[tracking.SOURCE_TAG] == source and run.tags[tracking.LABELS_TAG] == "pseudo"
     assert run.metrics["train_images"] == len(samples[::2])
     assert run.metrics["skipped_images"] == len(samples[1::2])
 

@@ -60,7 +60,8 @@ def test_stage_run_logs_everything_and_reads_back(store, tmp_path, request):
     cfg = make_cfg(tmp_path, request.node.name)
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"\x00\x01weights")
-    with tracking.stage_run(cfg, "classify", source_run="abc123") as tracker:
+    source = tracking.SourceRun("abc123", "classify", "", tmp_path, {tracking.ROLE_TAG: tracking.BASELINE}, {})
+    with tracking.stage_run(cfg, "localize", source=source) as tracker:
         sent, send = [], tracker.client.log_batch
 
         def counting(run_id, **batch):
@@ -88,15 +89,16 @@ def test_stage_run_logs_everything_and_reads_back(store, tmp_path, request):
         assert (logged if isinstance(value, str) else json.loads(logged)) == value, key
 
     tags = run.data.tags
-    assert tags["mcis.stage"] == "classify"
+    assert tags["mcis.stage"] == "localize"
     assert tags["mcis.source_run"] == "abc123"
+    assert tags["mcis.role"] == "baseline"  # a run continues its source's chain
     assert tags["mcis.dataset_fingerprint"] == tracking.dataset_fingerprint(cfg.data.root)
     assert len(tags["mcis.dataset_fingerprint"]) == 16
     assert tags["mlflow.source.git.commit"]
     artifacts = {a.path for a in mlc.list_artifacts(tracker.run_id)}
     assert {"config.yaml", "checkpoints"} <= artifacts
 
-    source = tracking.resolve_run(cfg, "classify", tracker.run_id)
+    source = tracking.resolve_run(cfg, "localize", tracker.run_id)
     assert [p.name for p in source.fetch("checkpoints").iterdir()] == ["weights.bin"]
     fetched = source.fetch("checkpoints/weights.bin")
     assert fetched.read_bytes() == weights.read_bytes()
@@ -125,6 +127,42 @@ def test_resolve_latest_finished_run(store, tmp_path, request):
     assert latest.metrics == {"loss": 1.0}
     assert tracking.resolve_run(cfg, ("classify", "evaluate")).stage == "evaluate"
     assert [r.run_id for r in tracking.find_runs(cfg, "classify")] == ids[::-1]
+
+
+def test_default_input_is_the_method_run_never_a_baseline_ablation_or_ceiling(store, tmp_path, request, capsys):
+    cfg = make_cfg(tmp_path, request.node.name)
+    cam = cfg.model_copy(update={"classify": cfg.classify.model_copy(update={"method": "cam"})})
+    with tracking.stage_run(cfg, "pipeline") as parent:
+        pass
+    with tracking.stage_run(cfg, "classify", parent=tracking.Nest(parent.run_id, "classify")) as method:
+        pass
+    with tracking.stage_run(cam, "classify") as baseline:  # newer, plain CAM
+        pass
+    nest = tracking.Nest(parent.run_id, "ablation/coatt/seed1/classify", {tracking.ROLE_TAG: tracking.ABLATION})
+    with tracking.stage_run(cfg, "classify", parent=nest) as ablation:  # newer still
+        pass
+    capsys.readouterr()
+    chosen = tracking.resolve_run(cfg, "classify")
+    said = capsys.readouterr().err
+    assert chosen.run_id == method.run_id
+    assert f"step classify of pipeline run {parent.run_id}" in said
+    assert f"the newer ablation run {ablation.run_id} is passed over" in said
+
+    mlc = MlflowClient(store)
+    nested = mlc.get_run(ablation.run_id)
+    assert nested.info.run_name == nest.step and nested.data.tags[tracking.STEP_TAG] == nest.step
+    assert mlc.get_run(baseline.run_id).data.tags[tracking.ROLE_TAG] == tracking.BASELINE
+    with tracking.stage_run(cfg, "localize", source=tracking.get_run(cfg, baseline.run_id, "classify")) as maps:
+        pass  # continues the baseline's chain
+    assert mlc.get_run(maps.run_id).data.tags[tracking.ROLE_TAG] == tracking.BASELINE
+    with pytest.raises(McisError, match="no finished localize run of the method"):
+        tracking.resolve_run(cfg, "localize")
+    with tracking.stage_run(cfg, "segment", role=tracking.CEILING):
+        pass
+    with pytest.raises(McisError, match="no finished segment run of the method"):
+        tracking.resolve_run(cfg, "segment")
+    assert tracking.resolve_run(cfg, "localize", maps.run_id).run_id == maps.run_id  # on purpose
+    assert "as given; a baseline run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("error, status", [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])

@@ -27,7 +27,7 @@ from PIL import Image
 
 from mcis_cli.data.transforms import palette_image
 from mcis_cli.errors import McisError
-from mcis_cli.files import exclusive_file
+from mcis_cli.files import exclusive_file, umask
 
 VERSION = 1
 MARKER = "mcis synthetic dataset"  # first line of README.md: lets force=True recognise its own tree
@@ -403,7 +403,7 @@ def _write(out: Path, seed: int, n_train: int, n_val: int, size: int, n_extra: i
         sizes = {"train": n_train, "val": n_val, "extra": n_extra, "web": n_web}
         (tmp / "classes.txt").write_text("".join(f"{name}\n" for name in CLASS_NAMES))
         (tmp / "README.md").write_text(_readme(seed, sizes, size, web_wrong))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -27,7 +27,7 @@ from mcis_cli.models.backbone import load_imagenet
 from mcis_cli.models.mcis import MCISNet, build_classifier, gap, mcis_loss, param_groups
 from mcis_cli.progress import training_progress
 from mcis_cli.stages import StageResult
-from mcis_cli.tracking import SourceRun, resolve_run, stage_run
+from mcis_cli.tracking import Nest, SourceRun, get_run, stage_run
 
 STAGE = "classify"
 VIEW_SCALES = (0.75, 2.0)  # the resized self-pair views; the flip view keeps the input size
@@ -269,13 +269,13 @@ def _check(cfg: Config, world_size: int) -> None:
         )
 
 
-def run(cfg: Config, resume: str | None = None, parent: str | None = None) -> StageResult:
+def run(cfg: Config, resume: str | None = None, parent: Nest | None = None) -> StageResult:
     """Train (or with `resume`, continue) a classifier; log to MLflow; return the summary."""
     c = cfg.classify
     runtime.init_distributed(cfg.device)
     rank, world_size = runtime.world()
     _check(cfg, world_size)
-    prior = resolve_run(cfg, STAGE, resume) if resume else None
+    prior = get_run(cfg, resume, STAGE) if resume else None
     if prior:
         prior.require_same(cfg, "classify")
     device = runtime.select_device(cfg.device)

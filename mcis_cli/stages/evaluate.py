@@ -35,7 +35,6 @@ from mcis_cli.stages import StageResult
 
 STAGES = ("segment", "pseudolabel", "localize")
 CHECKPOINT = "checkpoints/model.pt"
-LABELS_TAG = "mcis.labels"  # set by segment: "gt" marks the fully supervised ceiling
 # VOC 2012 val mIoU (%) of MCIS and the baselines it compares with, and how sure we are of each
 # (shared/reference/mcis_method.md §6).
 REFERENCES = (
@@ -185,7 +184,7 @@ def _score_maps(cfg: Config, folder: Path, samples, names, shown, masks_dir) -> 
 def ceiling_miou(cfg: Config, split: str, crf: bool) -> float | None:
     """mIoU of the newest fully supervised model (segment --labels gt) on `split`, preferring an
     evaluate run with the same CRF setting, else that segment run's own validation mIoU."""
-    for run in tracking.find_runs(cfg, "segment", **{LABELS_TAG: "gt"}):
+    for run in tracking.find_runs(cfg, "segment", **{tracking.LABELS_TAG: "gt"}):
         scored = tracking.find_runs(cfg, "evaluate", **{tracking.SOURCE_TAG: run.run_id, "mcis.split": split})
         same = [r for r in scored if r.tags.get("mcis.crf") == str(crf).lower()]
         for r in same or scored:
@@ -244,17 +243,6 @@ def _json_safe(result: dict) -> dict:
 
 
 # ---- the stage ---------------------------------------------------------------------------
-def _source(cfg: Config, from_run: str | None) -> tracking.SourceRun:
-    """The given run of any scorable stage, else the latest finished segment run."""
-    if from_run:
-        return tracking.resolve_run(cfg, STAGES, from_run)
-    runs = tracking.find_runs(cfg, "segment")
-    if not runs:
-        raise McisError(f"no finished segment run in experiment {cfg.tracking.experiment or cfg.name!r}; "
-                        f"run `mcis segment` first or pass --from-run RUN_ID")
-    return runs[0]
-
-
 def _inputs(cfg: Config, source: tracking.SourceRun, samples, names) -> tuple:
     """What the scorer of the source's stage reads: the model and its metadata, or the folder
     of pseudo masks / maps, which must hold a file for every image of the split."""
@@ -274,10 +262,10 @@ def _inputs(cfg: Config, source: tracking.SourceRun, samples, names) -> tuple:
 
 
 def run(cfg: Config, from_run: str | None = None, split: str | None = None,
-        parent: str | None = None) -> StageResult:
-    """Score the given run (default: the latest finished segment run) on `split` (default: the
+        parent: tracking.Nest | None = None) -> StageResult:
+    """Score the given run (default: the method's newest finished segment run) on `split` (default: the
     val list for a model, the train list for maps and pseudo masks)."""
-    source = _source(cfg, from_run)
+    source = tracking.resolve_run(cfg, STAGES if from_run else "segment", from_run)
     stage, root = source.stage, cfg.data.root
     split = split or (cfg.data.val_list if stage == "segment" else cfg.data.train_list)
     names = ["background", *voc.class_names(root)]
@@ -291,7 +279,7 @@ def run(cfg: Config, from_run: str | None = None, split: str | None = None,
     crf = cfg.evaluate.crf and stage == "segment"
     scorer = {"segment": _score_segment, "pseudolabel": _score_pseudo, "localize": _score_maps}[stage]
 
-    with tracking.stage_run(cfg, "evaluate", source_run=source.run_id, parent=parent) as tracker:
+    with tracking.stage_run(cfg, "evaluate", source=source, parent=parent) as tracker:
         tracker.set_tags({"mcis.scored_stage": stage, "mcis.split": split, "mcis.crf": str(crf).lower()})
         out = tracking.workdir(cfg, tracker.run_id)
         masks_dir = out / "masks" if cfg.evaluate.save_masks else None
@@ -300,7 +288,7 @@ def run(cfg: Config, from_run: str | None = None, split: str | None = None,
 
         result = metrics.scores(scored.cm, names)
         summary = {k: result[k] for k in ("miou", "pixel_acc", "mean_acc", "fw_iou")} | scored.headline
-        if stage == "segment" and source.tags.get(LABELS_TAG) != "gt":
+        if stage == "segment" and source.role != tracking.CEILING:
             ceiling = ceiling_miou(cfg, split, crf)
             if ceiling is not None and ceiling > 0:
                 summary |= {"ceiling_miou": ceiling, "ceiling_fraction": result["miou"] / ceiling}

@@ -187,15 +187,22 @@ def _describe(path: Path) -> str:
 
 
 def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
-        parent: str | None = None) -> StageResult:
-    """Export the segment run's model, verify it, log it and register it in MLflow."""
+        parent: tracking.Nest | None = None, ceiling: bool = False) -> StageResult:
+    """Export the segment run's model, verify it, log it and register it in MLflow.
+
+    The fully supervised ceiling is exported only with `ceiling=True`: registered under the
+    served name by mistake, it would stand in for the method (its tags say which it is).
+    """
     ex = cfg.export
     source = tracking.resolve_run(cfg, "segment", from_run)
+    if source.role == tracking.CEILING and not ceiling:
+        raise McisError(f"segment run {source.run_id} is the fully supervised ceiling (trained on "
+                        "ground-truth masks), not the method; pass --ceiling to export it on purpose")
     model, meta = segment.load_segmenter(source.fetch(segment.MODEL))
     calibration = [s.image for s in voc.train_samples(cfg.data)[:CALIBRATION_IMAGES]] \
         if ex.quantize == "static" else []
     lock = exclusive_file(out, "--out file") if out else nullcontext()  # the default is the run's own
-    with lock, tracking.stage_run(cfg, "export", source_run=source.run_id, parent=parent) as tracker:
+    with lock, tracking.stage_run(cfg, "export", source=source, parent=parent) as tracker:
         target = Path(out) if out else tracking.workdir(cfg, tracker.run_id) / "model.onnx"
         program = to_onnx(model, ex.opset, model_metadata(meta, source.run_id, ex.opset))
         previous = _describe(target) if target.exists() else None
@@ -228,7 +235,9 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
             example = np.random.default_rng(0).standard_normal((1, 3, 64, 64), dtype=np.float32)
             info = tracker.log_onnx_model(onnx.load(target), "model", example, ex.model_name)
             version = str(info.registered_model_version)
-            tags = {tracking.SOURCE_TAG: source.run_id, "parity/max_abs_diff": scores["parity/max_abs_diff"]}
+            tags = {tracking.SOURCE_TAG: source.run_id, tracking.ROLE_TAG: source.role,
+                    tracking.LABELS_TAG: source.tags.get(tracking.LABELS_TAG, "pseudo"),
+                    "parity/max_abs_diff": scores["parity/max_abs_diff"]}
             found = source_miou(cfg, source)
             if found:
                 tags["miou"], tags["miou_from"] = found

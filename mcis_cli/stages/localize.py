@@ -341,7 +341,7 @@ def _key(cfg: Config, source_id: str) -> str:
 def _interrupted(cfg: Config, key: str) -> str | None:
     """An unfinished localize run with the same key, whose files a new start can complete."""
     mlc = tracking.client(cfg)
-    experiment = mlc.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
+    experiment = mlc.get_experiment_by_name(tracking.experiment_name(cfg))
     if experiment is None:
         return None
     runs = mlc.search_runs(
@@ -369,7 +369,7 @@ def _check(cfg: Config, meta: dict | None = None, names: Sequence[str] = ()) -> 
                         f"{len(names)}; localize with the dataset the classifier was trained on")
 
 
-def run(cfg: Config, from_run: str | None = None, parent: str | None = None) -> StageResult:
+def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None = None) -> StageResult:
     _check(cfg)
     runtime.seed_everything(cfg.seed)
     device = runtime.select_device(cfg.device)
@@ -387,7 +387,7 @@ def run(cfg: Config, from_run: str | None = None, parent: str | None = None) -> 
         if resume:  # lock first: a run that another process is still writing is never reopened
             stack.enter_context(runtime.exclusive(tracking.workdir(cfg, resume), "localize run"))
         tracker = stack.enter_context(
-            tracking.stage_run(cfg, "localize", source_run=source.run_id, parent=parent, resume=resume))
+            tracking.stage_run(cfg, "localize", source=source, parent=parent, resume=resume))
         out = tracking.workdir(cfg, tracker.run_id)
         if not resume:
             stack.enter_context(runtime.exclusive(out, "localize run"))

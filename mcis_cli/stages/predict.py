@@ -11,6 +11,7 @@ import glob
 import json
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 
 from mcis_cli.data.transforms import load_image, probe_image, save_palette_png, voc_palette
 from mcis_cli.errors import McisError
-from mcis_cli.files import atomic_path, exclusive
+from mcis_cli.files import atomic_path, describe_os_error, exclusive
 from mcis_cli.progress import work_progress
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -106,14 +107,18 @@ def collect_images(items: list[str]) -> list[Path]:
     return images
 
 
-def _batches(images: list[Path], batch_size: int) -> list[list[Path]]:
-    """Groups of equal-size images (read from the headers), at most `batch_size` each."""
+def _batches(images: list[Path], batch_size: int) -> tuple[list[list[Path]], dict[Path, str]]:
+    """Groups of equal-size images (read from the headers), at most `batch_size` each, and the
+    images that cannot be read, each with its one-line reason."""
     by_size: dict[tuple[int, int], list[Path]] = defaultdict(list)
+    unreadable: dict[Path, str] = {}
     for path in images:
-        h, w = probe_image(path)
-        by_size[(h, w)].append(path)
-    return [group[i : i + batch_size]
-            for group in by_size.values() for i in range(0, len(group), batch_size)]
+        try:
+            by_size[probe_image(path)].append(path)
+        except McisError as exc:
+            unreadable[path] = str(exc)
+    batches = [group[i : i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+    return batches, unreadable
 
 
 def preprocess(rgb: np.ndarray, meta: dict) -> np.ndarray:
@@ -129,9 +134,29 @@ def infer(session: ort.InferenceSession, rgb: np.ndarray, meta: dict) -> np.ndar
     return logits.argmax(1).astype(np.uint8)
 
 
+@dataclass
+class Prediction:
+    """What `run` wrote, and the images it could not read (path -> one-line reason)."""
+
+    written: int
+    out_dir: Path
+    provider: str
+    images_per_second: float
+    failed: dict[Path, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        line = (f"{self.written} image{'s' * (self.written != 1)} -> {self.out_dir} on {self.provider} "
+                f"({self.images_per_second:.1f} images/s)")
+        return line + (f"; {len(self.failed)} could not be read" if self.failed else "")
+
+
 def run(model: str | Path, images: list[str], out_dir: str | Path, provider: str = "auto",
-        batch_size: int = 8) -> str:
-    """Write <out>/<stem>.png (palette mask) and <stem>_overlay.jpg for every image."""
+        batch_size: int = 8) -> Prediction:
+    """Write <out>/<stem>.png (palette mask) and <stem>_overlay.jpg for every readable image.
+
+    An unreadable image does not stop the others: it is listed in the result's `failed`. When no
+    image can be read, nothing is written and the reason is the error.
+    """
     if str(model).startswith("models:/"):
         from mcis_cli import tracking  # mlflow only for registry URIs
 
@@ -139,19 +164,36 @@ def run(model: str | Path, images: list[str], out_dir: str | Path, provider: str
     session, used = open_session(model, provider)
     meta = read_metadata(model)
     paths = collect_images(images)
-    batches = _batches(paths, batch_size)
+    batches, failed = _batches(paths, batch_size)
+    if not batches:
+        reason = next(iter(failed.values()))
+        raise McisError(reason if len(failed) == 1 else f"none of the {len(failed)} images can be read; "
+                                                          f"the first: {reason}")
     out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a path that cannot be a folder is bad input, not a failed write
+        raise McisError(describe_os_error(exc)) from None
     colours = voc_palette()
     start = time.perf_counter()
     with exclusive(out_dir, "--out folder"), work_progress() as progress:
-        task = progress.add_task("predict", total=len(paths))
+        task = progress.add_task("predict", total=len(paths) - len(failed))
         for batch in batches:
-            rgb = np.stack([load_image(path) for path in batch])
-            for path, image, mask in zip(batch, rgb, infer(session, rgb, meta), strict=True):
+            loaded = []
+            for path in batch:
+                try:
+                    loaded.append((path, load_image(path)))
+                except McisError as exc:  # the header read, the pixels did not
+                    failed[path] = str(exc)
+            if not loaded:
+                continue
+            rgb = np.stack([image for _, image in loaded])
+            for (path, image), mask in zip(loaded, infer(session, rgb, meta), strict=True):
                 save_palette_png(out_dir / f"{path.stem}.png", mask)
                 blend = np.where(mask[..., None] > 0, image // 2 + colours[mask] // 2, image)
                 with atomic_path(out_dir / f"{path.stem}_overlay.jpg") as tmp:
                     Image.fromarray(blend).save(tmp, format="JPEG", quality=90)
             progress.update(task, advance=len(batch))
-    rate = len(paths) / max(time.perf_counter() - start, 1e-9)
-    return f"{len(paths)} image{'s' * (len(paths) != 1)} -> {out_dir} on {used} ({rate:.1f} images/s)"
+    written = len(paths) - len(failed)
+    rate = written / max(time.perf_counter() - start, 1e-9)
+    return Prediction(written, out_dir, used, rate, failed)

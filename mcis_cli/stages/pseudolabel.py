@@ -195,7 +195,7 @@ def _confusion_csv(cm: np.ndarray, names: Sequence[str]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def run(cfg: Config, from_run: str | None = None, parent: str | None = None) -> StageResult:
+def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None = None) -> StageResult:
     p = cfg.pseudolabel
     if p.background == "saliency" and p.saliency == "folder" and not cfg.data.saliency_dir:
         raise McisError("pseudolabel.saliency=folder needs data.saliency_dir (a folder of <id>.png "
@@ -205,7 +205,7 @@ def run(cfg: Config, from_run: str | None = None, parent: str | None = None) -> 
     samples = voc.train_samples(cfg.data)
     names = ["background", *voc.class_names(cfg.data.root)]
 
-    with tracking.stage_run(cfg, "pseudolabel", source_run=source.run_id, parent=parent) as tracker:
+    with tracking.stage_run(cfg, "pseudolabel", source=source, parent=parent) as tracker:
         out_dir = tracking.workdir(cfg, tracker.run_id) / "pseudo"
         total_cm = np.zeros((len(names), len(names)), np.int64)
         sweep_cm = np.zeros((len(p.sweep), len(names), len(names)), np.int64)

@@ -31,7 +31,6 @@ from mcis_cli.progress import console, training_progress
 from mcis_cli.stages import StageResult
 
 LABELS = ("pseudo", "gt")
-LABELS_TAG = "mcis.labels"
 LAST = "checkpoints/last.pt"  # resume state, rewritten every checkpoint_every iterations
 MODEL = "checkpoints/model.pt"  # the trained model, read by evaluate and export
 RESNET101_WEIGHTS = "resnet101-63fe2227.pth"  # torchvision's ImageNet ResNet-101 (V1)
@@ -142,8 +141,9 @@ def _val_samples(cfg: Config) -> list[voc.Sample]:
 
 @torch.no_grad()
 def validate(model: nn.Module, samples: list[voc.Sample], root: str, class_names: list[str],
-             device: torch.device) -> float:
-    """Single-scale mIoU of whole images, no flip, no CRF: the cheap number to watch."""
+             device: torch.device) -> dict[str, float]:
+    """`val/miou` and `val/iou/<class>` of whole images at one scale, no flip, no CRF: the cheap
+    numbers to watch, per class so that segment runs compare class by class in MLflow."""
     model.eval()
     cm = np.zeros((len(class_names), len(class_names)), np.int64)
     for sample in samples:
@@ -151,7 +151,8 @@ def validate(model: nn.Module, samples: list[voc.Sample], root: str, class_names
         pred = model(x).argmax(1)[0].cpu().numpy()
         cm += metrics.confusion_matrix(pred, voc.load_mask(root, sample.id), len(class_names))
     model.train()
-    return metrics.scores(cm, class_names)["miou"]
+    result = metrics.scores(cm, class_names)
+    return metrics.mlflow_metrics({"miou": result["miou"], "iou": result["iou"]}, prefix="val/")
 
 
 # ---- model --------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def _rng_states(distributed: bool) -> list:
 
 # ---- the stage ----------------------------------------------------------------------------
 def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume: str | None = None,
-        parent: str | None = None) -> StageResult:
+        parent: tracking.Nest | None = None) -> StageResult:
     """Train the segmenter; `labels="gt"` trains on ground-truth masks, the supervised ceiling.
 
     With `resume`, the run continues from its last checkpoint with its own labels and source run.
@@ -244,10 +245,10 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
     runtime.seed_everything(cfg.seed, cfg.deterministic)
     amp = seg.amp and device.type == "cuda"
 
-    prior = tracking.resolve_run(cfg, "segment", resume) if resume else None
+    prior = tracking.get_run(cfg, resume, "segment") if resume else None
     if prior:
         prior.require_same(cfg, "segment")
-        labels = prior.tags.get(LABELS_TAG, labels)
+        labels = prior.tags.get(tracking.LABELS_TAG, labels)
         from_run = prior.tags.get(tracking.SOURCE_TAG) or None
     source = tracking.resolve_run(cfg, "pseudolabel", from_run) if labels == "pseudo" else None
     class_names = ["background", *voc.class_names(cfg.data.root)]
@@ -265,8 +266,9 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     net = runtime.data_parallel(model, device) if distributed else model
 
-    with tracking.stage_run(cfg, "segment", source_run=source.run_id if source else None,
-                            resume=resume, parent=parent, enabled=main) as tracker:
+    role = tracking.CEILING if labels == "gt" else None
+    with tracking.stage_run(cfg, "segment", source=source, role=role, resume=resume, parent=parent,
+                            enabled=main) as tracker:
         run_id = runtime.broadcast_str(tracker.run_id)
         out = tracking.workdir(cfg, run_id) if main else Path(cfg.output_dir) / run_id
         start, last_good = 0, "none"
@@ -285,7 +287,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
             torch.manual_seed(mix(cfg.seed, rank))  # per-rank dropout streams
             if prior and seg.pretrained:
                 _load_imagenet(model, seg)
-            tracker.set_tags({LABELS_TAG: labels})
+            tracker.set_tags({tracking.LABELS_TAG: labels})
             tracker.log_metrics({"train_images": len(items), "skipped_images": skipped})
         if skipped and main:
             console.print(f"segment: {skipped} training images have no {labels} mask and are skipped")
@@ -304,7 +306,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
         batches = iter(loader)
         progress = training_progress()
         progress.disable = not main
-        value, miou, busy, timed = float("nan"), float("nan"), 0.0, 0
+        value, busy, timed = float("nan"), 0.0, 0
         with progress:
             task = progress.add_task("segment", total=seg.iters, completed=start, loss=value,
                                      lr=poly_lr(seg.lr, start, seg.iters, seg.poly_power))
@@ -331,8 +333,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
                 done = it + 1
                 if val and done % seg.val_every == 0 and done < seg.iters:
                     if main:
-                        miou = validate(model, val, cfg.data.root, class_names, device)
-                        tracker.log_metrics({"val/miou": miou}, step=done)
+                        tracker.log_metrics(validate(model, val, cfg.data.root, class_names, device), step=done)
                     runtime.barrier()
                 if done % seg.checkpoint_every == 0 and done < seg.iters:
                     states = _rng_states(distributed)
@@ -351,9 +352,9 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
             result["throughput"] = seg.batch_size * timed / busy
         if main:
             if val:
-                miou = validate(model, val, cfg.data.root, class_names, device)
-                tracker.log_metrics({"val/miou": miou}, step=seg.iters)
-                result["val/miou"] = miou
+                scores = validate(model, val, cfg.data.root, class_names, device)
+                tracker.log_metrics(scores, step=seg.iters)
+                result["val/miou"] = scores["val/miou"]
             runtime.save_checkpoint(out / MODEL, {
                 "state_dict": model.state_dict(), "arch": seg.arch, "num_classes": len(class_names),
                 "width": model.width, "batch_norm": seg.batch_norm, "blocks": seg.blocks,

@@ -36,7 +36,8 @@ def one_line(result, *needles: str, code: int | None = None) -> None:
     assert result.exit_code == code if code is not None else result.exit_code != 0, result.output
     assert "Traceback" not in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    lines = [line for line in result.output.splitlines()  # less the stage's note of its input run
+             if line.strip() and not line.startswith("input: ")]
     assert lines and lines[0].startswith("error:"), result.output
     flat = " ".join(result.output.split())
     for needle in needles:
