@@ -254,7 +254,9 @@ def test_segment_runs_with_and_without_crf_and_the_ceiling(root, store):
     gt_run = segment.run(cfg, labels="gt").run_id
     with pytest.raises(McisError, match="no finished segment run"):
         evaluate.run(_config(root, store, name="other"))
-    crf = evaluate.run(cfg)  # default: the latest segment run, on val, with CRF
+    with pytest.raises(McisError, match="no finished segment run of the method"):
+        evaluate.run(cfg)  # the default never takes the ceiling
+    crf = evaluate.run(cfg, from_run=gt_run)  # on val, with CRF
     run = tracking.resolve_run(cfg, "evaluate", crf.run_id)
     assert run.tags[tracking.SOURCE_TAG] == gt_run and run.tags["mcis.crf"] == "true"
     assert run.tags["mcis.split"] == "val"
@@ -276,6 +278,7 @@ def test_segment_runs_with_and_without_crf_and_the_ceiling(root, store):
     pseudo_run = _fake_run(cfg, "pseudolabel", store / "pseudo", "pseudo")
     cfg.segment.iters = 1
     weak = segment.run(cfg, from_run=pseudo_run).run_id
-    scored = evaluate.run(cfg, from_run=weak)
+    scored = evaluate.run(cfg)  # default: the method's newest segment run
+    assert tracking.get_run(cfg, scored.run_id, "evaluate").tags[tracking.SOURCE_TAG] == weak
     assert scored.metrics["ceiling_miou"] == pytest.approx(crf.metrics["miou"])
     assert scored.metrics["ceiling_fraction"] == pytest.approx(scored.metrics["miou"] / crf.metrics["miou"])

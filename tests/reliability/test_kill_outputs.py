@@ -64,7 +64,7 @@ def chain(tmp_path_factory) -> SimpleNamespace:
             patch.chdir(tmp)
             classified = classify.run(cfg).run_id
             located = localize.run(cfg, from_run=classified).run_id
-            segmented = segment.run(cfg, labels="gt").run_id
+            segmented = segment.run(cfg, labels="gt").run_id  # the quickest model: the ceiling
     finally:
         torch.set_num_threads(threads)
     return SimpleNamespace(tmp=tmp, root=root, uri=uri, config=config, cfg=cfg, classify=classified,
@@ -169,7 +169,7 @@ def test_kill_export_never_leaves_a_torn_model(chain):
     """A first export (the model being served) times the window from its staging folder to its
     exit; the victim is killed at a seeded random moment of that window."""
     out = chain.tmp / "served" / "model.onnx"
-    args = ["export", "--config", chain.config, "--from-run", chain.segment, "--out", out]
+    args = ["export", "--config", chain.config, "--from-run", chain.segment, "--out", out, "--ceiling"]
     log = chain.tmp / "export.log"
     first = procs.start(args, chain.tmp, chain.env, log)
     procs.wait_until(lambda: _staging(out), first, log, "the export's staging folder", poll=0.01)
