@@ -40,6 +40,7 @@ END_TAG = "mcis.end_reason"  # why a run was closed by someone else than its own
 WAIT_ENV = "MCIS_TRACKING_WAIT"  # seconds a file upload waits for a server that went away
 DEFAULT_WAIT = 600.0
 UNSENT = "unsent-metrics.jsonl"  # in the run's folder: metrics a failed run could not send
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow UI's kind
 
 
 def tracking_uri(cfg: Config | None = None) -> str:
@@ -106,11 +107,14 @@ def client(cfg: Config | None = None):
 
 
 def experiment_id(mlc, cfg: Config) -> str:
+    """The config's experiment, created if new, marked as model training for the MLflow UI."""
     name = cfg.tracking.experiment or cfg.name
     found = mlc.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return mlc.create_experiment(name)
+    if found is None:
+        return mlc.create_experiment(name, tags={KIND_TAG: TRAINING_KIND})
+    if KIND_TAG not in found.tags:  # made by an older mcis or by mlflow itself
+        mlc.set_experiment_tag(found.experiment_id, KIND_TAG, TRAINING_KIND)
+    return found.experiment_id
 
 
 def git_commit() -> str:
