@@ -106,6 +106,21 @@ def client(cfg: Config | None = None):
     return mlc
 
 
+def _require_store(cfg: Config | None, sought: str) -> None:
+    """A lookup in a sqlite store that does not exist fails here: opening it would create an
+    mlflow.db (in a folder where the command then fails) only to find nothing in it."""
+    if missing := _missing_store(cfg):
+        raise McisError(f"{sought}: no tracking store at {missing} (nothing was logged from this folder); "
+                        "run the earlier stages here first, or set MLFLOW_TRACKING_URI to their store")
+
+
+def _missing_store(cfg: Config | None = None) -> str | None:
+    """The file of the sqlite store if it does not exist yet."""
+    uri = tracking_uri(cfg)
+    path = uri.removeprefix("sqlite:///").split("?")[0]
+    return path if uri.startswith("sqlite:///") and not Path(path).exists() else None
+
+
 def experiment_id(mlc, cfg: Config) -> str:
     """The config's experiment, created if new, marked as model training for the MLflow UI."""
     name = cfg.tracking.experiment or cfg.name
@@ -426,6 +441,7 @@ def download_model(uri: str) -> Path:
     from a local store, downloaded from a server)."""
     import mlflow
 
+    _require_store(None, f"model {uri} not found in the registry")
     client()
     try:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
@@ -638,6 +654,7 @@ class SourceRun:
 def resolve_run(cfg: Config, stages: str | tuple[str, ...], run_id: str | None = None) -> SourceRun:
     """The run given by id (checked to be of one of `stages`), else the latest finished one."""
     stages = (stages,) if isinstance(stages, str) else stages
+    _require_store(cfg, f"run {run_id} not found" if run_id else f"no finished {' or '.join(stages)} run")
     mlc = client(cfg)
     if run_id:
         run = _get_run(mlc, run_id, cfg)
@@ -675,6 +692,8 @@ def _source(cfg: Config, run) -> SourceRun:
 def find_runs(cfg: Config, stage: str, finished: bool = True, **tags: str) -> list[SourceRun]:
     """Runs of `stage` in the config's experiment carrying the given tags, newest first:
     the FINISHED ones, or with finished=False the ones that did not finish."""
+    if _missing_store(cfg):
+        return []
     mlc = client(cfg)
     experiment = mlc.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
     if experiment is None:
