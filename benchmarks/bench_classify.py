@@ -11,17 +11,15 @@ Target: full / bare - 1 <= 10 % of wall time; process CPU time is shown too.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, default_collate
 
+from benchmarks import scratch_store
 from mcis_cli.config import load_config
 from mcis_cli.data import synth, voc
 from mcis_cli.models.mcis import mcis_loss
@@ -40,10 +38,7 @@ def _clock() -> tuple[float, float]:
 
 
 def main() -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(
-        os.environ, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
-    ):
-        tmp = Path(tmp)
+    with scratch_store() as tmp:
         cfg = load_config(CONFIG, [f"data.root={tmp / 'data'}", f"output_dir={tmp / 'runs'}",
                                    "device=cpu", "name=bench-classify"])
         c = cfg.classify

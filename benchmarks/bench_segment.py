@@ -7,8 +7,6 @@ with configs/toy.yaml's segment settings on the embedded dataset. Target: overhe
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import scratch_store
 from mcis_cli.config import Config, load_config
 from mcis_cli.data import synth, voc
 from mcis_cli.models.deeplab import build_segmenter, param_groups
@@ -52,27 +51,19 @@ def loop_step_seconds(cfg: Config) -> float:
 
 def main() -> None:
     console = Console()
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "toy"
+    with scratch_store() as tmp:
+        root = tmp / "toy"
         synth.write(root, seed=0, n_train=120, n_val=2, size=96)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        try:
-            base = [f"data.root={root}", f"output_dir={tmp}/runs", "device=cpu", "name=bench_segment",
-                    f"segment.iters={STEPS + 1}", "segment.val_every=0",
-                    f"segment.checkpoint_every={STEPS + 1}"]
-            cfg = load_config(TOY, base)
-            bare = [bare_step_seconds(cfg)]
-            rows = []
-            for workers in (0, 2):
-                looped = loop_step_seconds(load_config(TOY, [*base, f"data.workers={workers}"]))
-                rows.append((f"training loop, data.workers={workers}", looped))
-            bare.append(bare_step_seconds(cfg))  # before and after: the machine's load drifts
-        finally:
-            if saved is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved
+        base = [f"data.root={root}", f"output_dir={tmp}/runs", "device=cpu", "name=bench_segment",
+                f"segment.iters={STEPS + 1}", "segment.val_every=0",
+                f"segment.checkpoint_every={STEPS + 1}"]
+        cfg = load_config(TOY, base)
+        bare = [bare_step_seconds(cfg)]
+        rows = []
+        for workers in (0, 2):
+            looped = loop_step_seconds(load_config(TOY, [*base, f"data.workers={workers}"]))
+            rows.append((f"training loop, data.workers={workers}", looped))
+        bare.append(bare_step_seconds(cfg))  # before and after: the machine's load drifts
 
     seg = cfg.segment
     reference = sum(bare) / len(bare)

@@ -16,6 +16,16 @@ from mcis_cli import __version__
 from mcis_cli.config import DEFAULT_CONFIG, Config, load_config
 from mcis_cli.errors import McisError
 
+_value_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_type(option: typer.core.TyperOption, ctx) -> str | None:
+    """A flag takes no value, so its help shows none: typer's `<bool>` reads as `--force true`."""
+    return None if option.is_flag else _value_type(option, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_type
+
 app = typer.Typer(
     help="MCIS weakly supervised semantic segmentation, tracked in MLflow.",
     no_args_is_help=True,
@@ -31,7 +41,14 @@ out = Console()
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
-SetOpt = Annotated[list[str], typer.Option("--set", help="Override a key: --set classify.lr=0.01")]
+
+
+def set_option(example: str):
+    """`--set`, its help showing a key of the command's own section."""
+    return Annotated[list[str], typer.Option(
+        "--set", metavar="KEY=VALUE", help=f"Override a config key, e.g. --set {example}")]
+
+
 FromRunOpt = Annotated[
     str | None,
     typer.Option("--from-run", help="Input run id (default: the method's newest finished run, never a "
@@ -106,7 +123,7 @@ def data_synth(
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
     n_extra: Annotated[int, typer.Option("--n-extra", help="Extra single-label images (setting 2).")] = 0,
     n_web: Annotated[int, typer.Option("--n-web", help="Noisy web images (setting 3).")] = 0,
-    force: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
 ) -> None:
     """Write the embedded dataset: deterministic for a seed."""
     from mcis_cli.data import synth
@@ -138,7 +155,7 @@ def data_check(
 # ---- config -------------------------------------------------------------------------------
 @config_app.command("show")
 @friendly
-def config_show(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = []) -> None:  # noqa: B006
+def config_show(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("data.root=data/voc") = []) -> None:  # noqa: B006
     """Print the resolved config as YAML."""
     out.print(_load(config, sets).to_yaml(), highlight=False, markup=False)
 
@@ -146,7 +163,8 @@ def config_show(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = []) -> None: 
 # ---- stages -------------------------------------------------------------------------------
 @app.command()
 @friendly
-def classify(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = [], resume: ResumeOpt = None) -> None:  # noqa: B006
+def classify(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("classify.lr=0.01") = [],  # noqa: B006
+             resume: ResumeOpt = None) -> None:
     """Train the co-attention classifier on same-class image pairs."""
     from mcis_cli.stages import classify as stage
 
@@ -155,7 +173,8 @@ def classify(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = [], resume: Resu
 
 @app.command()
 @friendly
-def localize(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = [], from_run: FromRunOpt = None) -> None:  # noqa: B006
+def localize(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("localize.partners=5") = [],  # noqa: B006
+             from_run: FromRunOpt = None) -> None:
     """Cross-image localization maps for every training image."""
     from mcis_cli.stages import localize as stage
 
@@ -164,7 +183,8 @@ def localize(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = [], from_run: Fr
 
 @app.command()
 @friendly
-def pseudolabel(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = [], from_run: FromRunOpt = None) -> None:  # noqa: B006
+def pseudolabel(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("pseudolabel.fg_thr=0.4") = [],  # noqa: B006
+                from_run: FromRunOpt = None) -> None:
     """Pseudo masks from localization maps and a background cue."""
     from mcis_cli.stages import pseudolabel as stage
 
@@ -175,7 +195,7 @@ def pseudolabel(config: ConfigOpt = DEFAULT_CONFIG, sets: SetOpt = [], from_run:
 @friendly
 def segment(
     config: ConfigOpt = DEFAULT_CONFIG,
-    sets: SetOpt = [],  # noqa: B006
+    sets: set_option("segment.iters=3000") = [],  # noqa: B006
     from_run: FromRunOpt = None,
     labels: Annotated[str, typer.Option(help="pseudo (the method) or gt (the ceiling).")] = "pseudo",
     resume: ResumeOpt = None,
@@ -192,10 +212,10 @@ def segment(
 @friendly
 def evaluate(
     config: ConfigOpt = DEFAULT_CONFIG,
-    sets: SetOpt = [],  # noqa: B006
+    sets: set_option("evaluate.scales=[1.0]") = [],  # noqa: B006
     from_run: FromRunOpt = None,
     split: Annotated[str | None, typer.Option(help="Split to score (default: by stage).")] = None,
-    crf: Annotated[bool | None, typer.Option("--crf/--no-crf", help="Dense CRF on top.")] = None,
+    crf: Annotated[bool | None, typer.Option("--crf/--no-crf", help="Dense CRF on top (default: evaluate.crf).")] = None,
     save: Annotated[bool, typer.Option("--save", help="Write predicted masks as PNGs.")] = False,
 ) -> None:
     """Score any stage's output: maps, pseudo masks or the segmentation model."""
@@ -213,9 +233,10 @@ def evaluate(
 @friendly
 def export(
     config: ConfigOpt = DEFAULT_CONFIG,
-    sets: SetOpt = [],  # noqa: B006
+    sets: set_option("export.opset=17") = [],  # noqa: B006
     from_run: FromRunOpt = None,
-    out_path: Annotated[Path | None, typer.Option("--out", help="Where to write the .onnx file.")] = None,
+    out_path: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write the .onnx file.", show_default="<output_dir>/<run id>/model.onnx")] = None,
     ceiling: Annotated[bool, typer.Option(
         "--ceiling", help="Allow exporting the fully supervised ceiling (a --labels gt run).")] = False,
 ) -> None:
@@ -250,8 +271,8 @@ def predict(
 @friendly
 def pipeline(
     config: ConfigOpt = DEFAULT_CONFIG,
-    sets: SetOpt = [],  # noqa: B006
-    ablation: Annotated[bool, typer.Option(help="Also run the component ablation.")] = False,
+    sets: set_option("segment.iters=3000") = [],  # noqa: B006
+    ablation: Annotated[bool, typer.Option("--ablation", help="Also run the component ablation.")] = False,
 ) -> None:
     """Every stage in order under one parent MLflow run, then the results table."""
     from mcis_cli import pipeline as stage
@@ -264,7 +285,7 @@ def pipeline(
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     host: Annotated[str, typer.Option(help="Bind address; anything but loopback needs --expose.")] = "127.0.0.1",
-    expose: Annotated[bool, typer.Option(help="Allow binding a non-loopback address.")] = False,
+    expose: Annotated[bool, typer.Option("--expose", help="Allow binding a non-loopback address.")] = False,
     workers: Annotated[int, typer.Option(help="Server worker processes.")] = 1,
 ) -> None:
     """Serve the MLflow UI over the same store the commands use."""

@@ -333,6 +333,9 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (and its `base:` chain), apply `key=value` overrides and validate every type."""
     path = Path(path) if path else DEFAULT_CONFIG
+    if path == DEFAULT_CONFIG and not path.is_file():
+        raise McisError(f"config file not found: {path} (the default is relative to the current folder: "
+                        "run from the mcis checkout or pass --config PATH)")
     tree = _read_tree(path)
     try:
         Config.model_validate(tree)

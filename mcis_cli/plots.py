@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image
 
 from mcis_cli.data.transforms import voc_palette
@@ -98,19 +99,49 @@ def colorize(mask: np.ndarray) -> np.ndarray:
 def overlay_grid(
     rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], height: int = 160, gap: int = 4
 ) -> np.ndarray:
-    """One row per sample: image | ground truth | prediction, each scaled to `height` px."""
-    strips = []
+    """One row per sample: image | ground truth | prediction, each scaled to `height` px and
+    centred in a column as wide as the widest tile, so the columns line up under their titles."""
+    tiles = []
     for image, gt, pred in rows:
         h, w = gt.shape
         size = (max(1, round(w * height / h)), height)
-        tiles = [
-            Image.fromarray(image).resize(size, Image.Resampling.BILINEAR),
-            Image.fromarray(colorize(gt)).resize(size, Image.Resampling.NEAREST),
-            Image.fromarray(colorize(pred)).resize(size, Image.Resampling.NEAREST),
-        ]
-        spacer = np.full((height, gap, 3), 255, np.uint8)
-        parts = [np.asarray(tiles[0]), spacer, np.asarray(tiles[1]), spacer, np.asarray(tiles[2])]
-        strips.append(np.concatenate(parts, axis=1))
-    width = max(s.shape[1] for s in strips)
-    padded = [np.pad(s, ((0, gap), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in strips]
-    return np.concatenate(padded, axis=0)[:-gap]
+        tiles.append([
+            np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)),
+            np.asarray(Image.fromarray(colorize(gt)).resize(size, Image.Resampling.NEAREST)),
+            np.asarray(Image.fromarray(colorize(pred)).resize(size, Image.Resampling.NEAREST)),
+        ])
+    width = max(t[0].shape[1] for t in tiles)
+    grid = np.full((len(rows) * (height + gap) - gap, 3 * width + 2 * gap, 3), 255, np.uint8)
+    for row, strip in enumerate(tiles):
+        for column, tile in enumerate(strip):
+            left = column * (width + gap) + (width - tile.shape[1]) // 2
+            grid[row * (height + gap):row * (height + gap) + height, left:left + tile.shape[1]] = tile
+    return grid
+
+
+COLUMNS = ("image", "ground truth", "prediction")
+
+
+def overlay_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                   class_names: Sequence[str], height: int = 160, gap: int = 4) -> Figure:
+    """`overlay_grid` at its own pixel size, with the column titles above it and, below it, the
+    VOC colour of every class that appears in its masks (255 = ignored pixels)."""
+    grid = overlay_grid(rows, height, gap)
+    shown = np.unique(np.concatenate([np.unique(m) for _, gt, pred in rows for m in (gt, pred)]))
+    names = {i: name for i, name in enumerate(class_names)} | {255: "ignored"}
+    columns = max(1, min(len(shown), grid.shape[1] // 120))
+    top, bottom = 24, 16 + 20 * -(-len(shown) // columns)  # px: titles; legend rows
+    total = grid.shape[0] + top + bottom
+    figure = Figure(figsize=(grid.shape[1] / 100, total / 100), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_axes((0, bottom / total, 1, grid.shape[0] / total))  # the grid pixel for pixel
+    ax.imshow(grid, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    width = (grid.shape[1] - 2 * gap) / 3
+    for column, title in enumerate(COLUMNS):
+        ax.text(column * (width + gap) + width / 2, -6, title, ha="center", va="bottom", fontsize=10)
+    palette = voc_palette() / 255
+    handles = [Patch(facecolor=palette[c], edgecolor="grey", label=names.get(int(c), str(c))) for c in shown]
+    figure.legend(handles=handles, loc="lower center", ncol=columns, frameon=False, fontsize=9,
+                  handlelength=1.2, columnspacing=1.0)
+    return figure

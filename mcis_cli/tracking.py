@@ -45,6 +45,7 @@ END_TAG = "mcis.end_reason"  # why a run was closed by someone else than its own
 WAIT_ENV = "MCIS_TRACKING_WAIT"  # seconds a file upload waits for a server that went away
 DEFAULT_WAIT = 600.0
 UNSENT = "unsent-metrics.jsonl"  # in the run's folder: metrics a failed run could not send
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow UI's kind
 
 
 def tracking_uri(cfg: Config | None = None) -> str:
@@ -114,12 +115,30 @@ def experiment_name(cfg: Config) -> str:
     return cfg.tracking.experiment or cfg.name
 
 
+def _require_store(cfg: Config | None, sought: str) -> None:
+    """A lookup in a sqlite store that does not exist fails here: opening it would create an
+    mlflow.db (in a folder where the command then fails) only to find nothing in it."""
+    if missing := _missing_store(cfg):
+        raise McisError(f"{sought}: no tracking store at {missing} (nothing was logged from this folder); "
+                        "run the earlier stages here first, or set MLFLOW_TRACKING_URI to their store")
+
+
+def _missing_store(cfg: Config | None = None) -> str | None:
+    """The file of the sqlite store if it does not exist yet."""
+    uri = tracking_uri(cfg)
+    path = uri.removeprefix("sqlite:///").split("?")[0]
+    return path if uri.startswith("sqlite:///") and not Path(path).exists() else None
+
+
 def experiment_id(mlc, cfg: Config) -> str:
+    """The config's experiment, created if new, marked as model training for the MLflow UI."""
     name = experiment_name(cfg)
     found = mlc.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return mlc.create_experiment(name)
+    if found is None:
+        return mlc.create_experiment(name, tags={KIND_TAG: TRAINING_KIND})
+    if KIND_TAG not in found.tags:  # made by an older mcis or by mlflow itself
+        mlc.set_experiment_tag(found.experiment_id, KIND_TAG, TRAINING_KIND)
+    return found.experiment_id
 
 
 def git_commit() -> str:
@@ -431,6 +450,7 @@ def download_model(uri: str) -> Path:
     from a local store, downloaded from a server)."""
     import mlflow
 
+    _require_store(None, f"model {uri} not found in the registry")
     client()
     try:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
@@ -684,6 +704,7 @@ def resolve_run(cfg: Config, stages: str | tuple[str, ...], run_id: str | None =
 def get_run(cfg: Config, run_id: str, stages: str | tuple[str, ...]) -> SourceRun:
     """The run `run_id`, checked to be of one of `stages`."""
     stages = (stages,) if isinstance(stages, str) else stages
+    _require_store(cfg, f"run {run_id} not found")
     run = _get_run(client(cfg), run_id, cfg)
     stage = run.data.tags.get(STAGE_TAG)
     if stage not in stages:
@@ -705,6 +726,7 @@ def _newest(mlc, experiment_id: str, stages: tuple[str, ...], clause: str = ""):
 def _newest_method_run(cfg: Config, stages: tuple[str, ...]) -> tuple[SourceRun, str]:
     """The newest finished method run of `stages`, and why it was chosen (which pipeline step it
     is, which newer run of another chain it passed over)."""
+    _require_store(cfg, f"no finished {' or '.join(stages)} run")
     mlc = client(cfg)
     name = experiment_name(cfg)
     experiment = mlc.get_experiment_by_name(name)
@@ -733,6 +755,8 @@ def _source(cfg: Config, run) -> SourceRun:
 def find_runs(cfg: Config, stage: str, finished: bool = True, **tags: str) -> list[SourceRun]:
     """Runs of `stage` in the config's experiment carrying the given tags, newest first:
     the FINISHED ones, or with finished=False the ones that did not finish."""
+    if _missing_store(cfg):
+        return []
     mlc = client(cfg)
     experiment = mlc.get_experiment_by_name(experiment_name(cfg))
     if experiment is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -74,6 +75,24 @@ def _wait_ready(url: str, proc: subprocess.Popen) -> None:
     raise McisError(f"mlflow server did not answer at {url} within {START_TIMEOUT:.0f} s")
 
 
+def training_links(url: str, limit: int = 10) -> list[tuple[str, str]]:
+    """(name, link) of the most recently updated experiments, each opening on its runs table.
+
+    MLflow 3's UI opens an experiment in its GenAI traces view unless told otherwise; the
+    experiment tag `mlflow.experimentKind` is not enough, the `workflowType` URL parameter is.
+    """
+    query = json.dumps({"max_results": limit, "order_by": ["last_update_time DESC"]}).encode()
+    request = urllib.request.Request(url + "/api/2.0/mlflow/experiments/search", data=query,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            found = json.load(reply).get("experiments", [])
+    except (urllib.error.URLError, OSError, ValueError):
+        return []
+    return [(e["name"], f"{url}/#/experiments/{e['experiment_id']}?workflowType=machine_learning")
+            for e in found if e["name"] != "Default"]
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM the server's process group; SIGKILL whatever is left after STOP_TIMEOUT."""
     try:
@@ -121,6 +140,8 @@ def serve(host: str, port: int, expose: bool, workers: int, console: Console) ->
         console.print(f"MLflow UI for {uri} starting at {url} (Ctrl-C stops it)", soft_wrap=True)
         _wait_ready(url, proc)
         console.print(f"[bold green]MLflow UI ready:[/] {url}", soft_wrap=True)
+        for name, link in training_links(url):
+            console.print(f"  runs of {name}: {link}", soft_wrap=True, highlight=False)
         code = proc.wait()
         raise McisError(f"mlflow server stopped on its own with code {code}; see its output above")
     except KeyboardInterrupt:

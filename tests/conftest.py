@@ -10,6 +10,25 @@ import pytest
 
 from mcis_cli.data import synth
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _user_store() -> tuple[set[Path], float | None]:
+    """What the checkout's own store holds: ./mlruns down to the run folders, ./mlflow.db's mtime."""
+    runs = {p for pattern in ("*", "*/*") for p in (ROOT / "mlruns").glob(pattern)}
+    db = ROOT / "mlflow.db"
+    return runs, db.stat().st_mtime if db.exists() else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_store_untouched() -> Iterator[None]:
+    """Tests track to temporary stores only: the session fails if it wrote into the checkout's."""
+    before = _user_store()
+    yield
+    after = _user_store()
+    assert after[0] <= before[0], f"tests wrote into {ROOT / 'mlruns'}: {sorted(after[0] - before[0])}"
+    assert after[1] == before[1], f"tests wrote into {ROOT / 'mlflow.db'}"
+
 
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

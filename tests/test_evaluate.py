@@ -90,15 +90,37 @@ def test_results_table_puts_published_figures_beside_ours_with_their_source():
     assert "MCIS" not in evaluate.results_markdown("t", "", summary, result, [], references=False)
 
 
+def test_results_table_title_is_one_line(monkeypatch):
+    from rich.console import Console
+
+    monkeypatch.setattr(evaluate, "console", Console(width=80, record=True))
+    title = f"segment run {'0123456789abcdef' * 2} on val + CRF"
+    result = {k: {"background": 0.9, "a": 0.5} for k in ("iou", "precision", "recall")}
+    evaluate._print_table(title, {"miou": 0.7}, result)
+    assert evaluate.console.export_text().splitlines()[0] == title
+
+
 def test_figures_render(tmp_path):
     from mcis_cli import plots
 
     labels = _blocks(30, 45).astype(np.uint8)
     rows = [(COLOURS[labels], labels, labels), (COLOURS[labels[:20]], labels[:20], labels[:20])]
     grid = plots.overlay_grid(rows, height=40, gap=2)
-    assert grid.shape == (40 + 2 + 40, 3 * 90 + 2 * 2, 3) and grid.dtype == np.uint8  # widest row
-    truth_tile = grid[:40, 62:122].reshape(-1, 3)  # nearest resampling keeps palette colours
+    assert grid.shape == (40 + 2 + 40, 3 * 90 + 2 * 2, 3) and grid.dtype == np.uint8  # widest tile
+    truth_tile = grid[:40, 92 + 15:92 + 15 + 60].reshape(-1, 3)  # 60 px wide, centred in its column
     assert {tuple(c) for c in truth_tile} == {tuple(c) for c in plots.colorize(np.unique(labels))}
+    assert (grid[:40, 92:92 + 15] == 255).all()  # the narrower row's padding
+    names = ["background", "red", "green", "blue"]
+    full = _blocks().astype(np.uint8)  # all 4 classes; the prediction leaves class 3 unlabelled
+    overlays = plots.overlay_figure([(COLOURS[full], full, np.where(full == 3, 255, full))],
+                                    names, height=40, gap=2)
+    texts = [t.get_text() for t in overlays.axes[0].texts]
+    assert texts == ["image", "ground truth", "prediction"]
+    assert [t.get_text() for t in overlays.legends[0].get_texts()] == [*names, "ignored"]
+    overlays.savefig(tmp_path / "overlays.png")
+    width, height = Image.open(tmp_path / "overlays.png").size
+    assert width == 3 * 60 + 2 * 2  # the grid at its own size
+    assert height > 40 + 5 * 15  # + the titles and a legend of 5 entries in one column
     chart = plots.ablation_chart({"CAM": {"maps": [0.3, 0.32], "pseudo": [0.4, 0.5]},
                                   "MCIS": {"maps": [0.41, 0.4], "pseudo": [0.5, 0.6]}})
     assert [len(ax.patches) for ax in chart.axes] == [2, 2]  # a panel per metric, a bar per variant

@@ -168,6 +168,23 @@ def test_compare_view_in_chromium(ui, tmp_path):
     screenshot(chart, tmp_path / "profile", tmp_path / "mlflow-lr-chart.png", "1600,1000")
 
 
+@pytest.mark.slow
+def test_printed_experiment_link_opens_the_training_runs_view(ui, tmp_path):
+    found = servers.json_request(f"{ui.url}/api/2.0/mlflow/experiments/get?experiment_id={ui.experiment_id}")
+    tags = {t["key"]: t["value"] for t in found["experiment"]["tags"]}
+    assert tags[tracking.KIND_TAG] == tracking.TRAINING_KIND
+    link = f"{ui.url}/#/experiments/{ui.experiment_id}?workflowType=machine_learning"
+    assert f"runs of {EXPERIMENT}: {link}" in ui.log.read_text()
+    if servers.chromium_path() is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    dom = render(link, tmp_path / "profile", [f">{n}<" for n in RUNS])
+    for name in RUNS:
+        assert f">{name}<" in dom, name  # the runs table lists both runs
+    assert ">Run Name<" in dom and "matching runs" in dom
+    assert "Detect Issues" not in dom  # the GenAI overview's traces toolbar
+    screenshot(link, tmp_path / "profile", tmp_path / "mlflow-experiment.png", "1400,900")
+
+
 # ---- options checked before anything starts ----------------------------------------------------
 def test_public_host_needs_expose():
     result = CliRunner().invoke(app, ["ui", "--host", "0.0.0.0", "--port", str(servers.free_port())])

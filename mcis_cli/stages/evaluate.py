@@ -219,7 +219,7 @@ def results_markdown(title: str, note: str, summary: dict[str, float], result: d
 
 
 def _print_table(title: str, summary: dict[str, float], result: dict) -> None:
-    table = Table(title=title, header_style="bold")
+    table = Table(header_style="bold")
     for column in ("class", "IoU %", "precision %", "recall %"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, iou in result["iou"].items():
@@ -227,6 +227,7 @@ def _print_table(title: str, summary: dict[str, float], result: dict) -> None:
     table.add_section()
     for key, value in summary.items():
         table.add_row(key, f"{value:.4f}", "", "")
+    console.print(title, style="bold", highlight=False, soft_wrap=True)  # a rich title would wrap to the table
     console.print(table)
 
 
@@ -307,7 +308,7 @@ def run(cfg: Config, from_run: str | None = None, split: str | None = None,
             tracker.log_figure(plots.sweep_figure(thresholds, mious, summary["best_threshold"]),
                                "plots/sweep.png")
         if scored.overlays:
-            tracker.log_image(plots.overlay_grid(scored.overlays), "plots/overlays")
+            tracker.log_figure(plots.overlay_figure(scored.overlays, names), "plots/overlays.png")
         on_voc = stage == "segment" and tuple(names[1:]) == voc.VOC_CLASSES
         report = out / "results.md"
         with runtime.atomic_path(report) as tmp:
