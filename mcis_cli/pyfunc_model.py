@@ -7,9 +7,9 @@ That is why it is the one file besides tracking.py that imports mlflow: MLflow c
 `load_context` only on a `PythonModel` subclass, and nothing needs pickling. The work is
 `mcis_cli.serving.Segmenter` (torch-free), which the model carries in its code_paths.
 
-A request's bad input raises `MlflowException` with INVALID_PARAMETER_VALUE: the scoring server
-answers that with HTTP 400 and the message; any other exception would become a 400 carrying a
-traceback and a generic message.
+A request's bad input raises `BadRequest`, an `MlflowException` with INVALID_PARAMETER_VALUE:
+the scoring server answers that with HTTP 400 and the message (any other exception would become
+a 400 carrying a traceback and a generic message).
 """
 
 from __future__ import annotations
@@ -19,9 +19,28 @@ import sys
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from mcis_cli.serving import BadInput, Segmenter
+
+
+class BadRequest(MlflowException):
+    """Keeps its one-line reason as the message: MLflow's scoring server rewrites the message of
+    an MlflowException from predict to "Failed to predict data '<the whole input>'. \nError: ...",
+    which echoes the request back over several lines."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self.reason
+
+    @message.setter
+    def message(self, _rewritten: str) -> None:
+        pass
 
 
 class SegmenterModel(PythonModel):
@@ -35,7 +54,7 @@ class SegmenterModel(PythonModel):
         try:
             rows = self.segmenter.predict(list(model_input["image"]), bool((params or {}).get("scores")))
         except BadInput as exc:
-            raise MlflowException.invalid_parameter_value(str(exc)) from None
+            raise BadRequest(str(exc)) from None
         return pd.DataFrame(rows)
 
 

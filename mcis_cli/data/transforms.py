@@ -52,7 +52,10 @@ def _readable(path: str | Path) -> Iterator[None]:
         ) from None
     except FileNotFoundError:
         raise McisError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:  # its text repeats the file object, which bytes have no name for
+        raise McisError(f"{path}: corrupt or unreadable image (no format Pillow reads); "
+                        "replace or remove it") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise McisError(
             f"{path}: corrupt or unreadable image ({exc}); replace or remove it"
         ) from None
