@@ -145,26 +145,32 @@ class Fp16(nn.Module):
         return self.model(x.half()).float()
 
 
-def half(model: nn.Module, fp32: Path, cfg: Config, tracker) -> tuple[Path, dict[str, float]]:
-    """fp16 copy of the model beside `fp32`, with its metadata, checked against PyTorch fp32 on
-    the CPU; beyond `export.fp16_tolerance` (relative) the stage fails and no copy is left."""
-    ex = cfg.export
-    target = fp32.with_name(f"{fp32.name.removesuffix('.onnx')}.fp16.onnx")
-    metadata = {p.key: p.value for p in onnx.load(fp32, load_external_data=False).metadata_props}
+# what bounds each check of `save_checked`: the metric (under its prefix) and the export.* setting
+BOUNDS = {"parity": ("max_abs_diff", "tolerance"), "fp16": ("max_rel_diff", "fp16_tolerance")}
+
+
+def save_checked(program: torch.onnx.ONNXProgram, target: Path, model: nn.Module, cfg: Config,
+                 tracker, prefix: str = "parity") -> dict[str, float]:
+    """Write `program` as `target` once ONNX Runtime on it agrees with PyTorch fp32 at
+    `export.parity_sizes` (fp32: max abs logit difference; fp16: the same relative to the largest
+    logit, and no timing); otherwise the stage fails and nothing is left under `target`."""
+    metric, setting = BOUNDS[prefix]
+    bound = getattr(cfg.export, setting)
     with staged(target) as tmp:
-        to_onnx(Fp16(model).eval(), ex.opset, metadata).save(tmp, external_data=False)
+        program.save(tmp, external_data=False)  # external data only beyond protobuf's 2 GB
         session, _ = open_session(tmp, "cpu")
-        report = parity(model, session, ex.parity_sizes, repeats=0, prefix="fp16")
+        report = parity(model, session, cfg.export.parity_sizes, repeats=3 if prefix == "parity" else 0,
+                        prefix=prefix)
         scores = {k: v for k, v in report.items() if k != "sizes"}
         tracker.log_metrics(scores)
-        tracker.log_dict(report, "parity_fp16.json")
-        if scores["fp16/max_rel_diff"] > ex.fp16_tolerance:
+        tracker.log_dict(report, f"{prefix}.json")
+        if scores[f"{prefix}/{metric}"] > bound:
             raise McisError(
-                f"the fp16 model disagrees with PyTorch fp32: max abs logit difference "
-                f"{scores['fp16/max_abs_diff']:.3g}, {scores['fp16/max_rel_diff']:.3g} of the largest "
-                f"logit > export.fp16_tolerance {ex.fp16_tolerance:g}; no fp16 model written"
+                f"ONNX Runtime ({target.name}) and PyTorch disagree: {metric} of the logits "
+                f"{scores[f'{prefix}/{metric}']:.3g} > export.{setting} {bound:g} "
+                f"(per size: {report['sizes']}); no model written"
             )
-    return target, scores
+    return scores
 
 
 def example_png(size: int = 64) -> bytes:
@@ -256,21 +262,10 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
     lock = exclusive_file(out, "--out file") if out else nullcontext()  # the default is the run's own
     with lock, tracking.stage_run(cfg, "export", source_run=source.run_id, parent=parent) as tracker:
         target = Path(out) if out else tracking.workdir(cfg, tracker.run_id) / "model.onnx"
-        program = to_onnx(model, ex.opset, model_metadata(meta, source.run_id, ex.opset))
+        metadata = model_metadata(meta, source.run_id, ex.opset)
+        program = to_onnx(model, ex.opset, metadata)
         previous = _describe(target) if target.exists() else None
-        with staged(target) as tmp:
-            program.save(tmp, external_data=False)  # external data only beyond protobuf's 2 GB
-            session, _ = open_session(tmp, "cpu")
-            report = parity(model, session, ex.parity_sizes)
-            scores = {k: v for k, v in report.items() if k != "sizes"}
-            tracker.log_metrics(scores)
-            tracker.log_dict(report, "parity.json")
-            if scores["parity/max_abs_diff"] > ex.tolerance:
-                raise McisError(
-                    f"ONNX Runtime and PyTorch disagree: max abs logit difference "
-                    f"{scores['parity/max_abs_diff']:.3g} > export.tolerance {ex.tolerance:g} "
-                    f"(per size: {report['sizes']}); no model written"
-                )
+        scores = save_checked(program, target, model, cfg, tracker)
         if previous:
             console.print(f"export: replaced {target}, which held {previous}")
         tracker.log_artifact(target, "onnx")
@@ -284,9 +279,10 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
             tracker.log_metrics(quant)
             scores.update(quant)
         if ex.precision == "fp16":
-            fp16, fp16_scores = half(model, target, cfg, tracker)
+            fp16 = target.with_name(f"{target.name.removesuffix('.onnx')}.fp16.onnx")
+            scores.update(save_checked(to_onnx(Fp16(model).eval(), ex.opset, metadata), fp16, model,
+                                       cfg, tracker, prefix="fp16"))
             tracker.log_artifact(fp16, "onnx")
-            scores.update(fp16_scores)
             outputs["fp16"] = str(fp16)
         if ex.register_model:
             served = Path(outputs["onnx" if ex.precision == "fp32" else ex.precision])
