@@ -190,6 +190,12 @@ class ExportCfg(Section):
         default_factory=lambda: [[1, 321, 321], [2, 257, 385], [1, 97, 130]]
     )
     quantize: Literal["none", "dynamic", "static"] = "none"
+    # which file the registered model serves: fp16 (for GPUs; float32 inputs and outputs, the
+    # casts inside the graph) is checked against PyTorch fp32 by fp16_tolerance, a bound on
+    # max |ORT fp16 - PyTorch fp32| / max |PyTorch logit|; int8 needs quantize dynamic or static
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    fp16_tolerance: float = Field(1e-2, gt=0)
+    serving: Literal["cpu", "gpu"] = "cpu"  # the served model's onnxruntime package and providers
     register_model: bool = True
     model_name: str = "mcis-deeplab"
 

@@ -46,6 +46,12 @@ WAIT_ENV = "MCIS_TRACKING_WAIT"  # seconds a file upload waits for a server that
 DEFAULT_WAIT = 600.0
 UNSENT = "unsent-metrics.jsonl"  # in the run's folder: metrics a failed run could not send
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow UI's kind
+# export.serving: the onnxruntime package a served model's environment installs (the pins of
+# pyproject.toml's cpu and gpu extras; the gpu one with CUDA 13 and cuDNN 9 from pip), and the
+# execution providers its MLmodel lists, tried in that order
+ONNXRUNTIME = {"cpu": "onnxruntime==1.32.0", "gpu": "onnxruntime-gpu[cuda,cudnn]==1.31.1"}
+SERVING_PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+                     "gpu": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 def tracking_uri(cfg: Config | None = None) -> str:
@@ -402,7 +408,8 @@ class Tracker:
             self._send(path.name, self.client.log_artifact, self.run_id, str(path),
                        None if folder == "." else folder)
 
-    def log_onnx_model(self, model_proto, name: str, input_example, registered_name: str | None):
+    def log_onnx_model(self, model_proto, name: str, input_example, registered_name: str | None = None,
+                       serving: str = "cpu"):
         """Log an ONNX model with a signature whose batch, height and width stay dynamic."""
         import mlflow
         import numpy as np
@@ -414,16 +421,55 @@ class Tracker:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1), "logits")]),
         )
         with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.onnx.log_model(
+            return mlflow.onnx.log_model(
                 model_proto,
                 name=name,
                 signature=signature,
                 input_example={"input": input_example},
                 registered_model_name=registered_name,
-                onnx_execution_providers=["CPUExecutionProvider"],
-                pip_requirements=["onnxruntime", "numpy"],
+                onnx_execution_providers=SERVING_PROVIDERS[serving],
+                pip_requirements=serving_requirements(serving),
             )
-        return info
+
+    def log_serving_model(self, onnx_path: Path, name: str, example_image: bytes,
+                          registered_name: str | None, serving: str = "cpu"):
+        """Log (and register) the served model: mcis_cli/pyfunc_model.py as models-from-code, the
+        .onnx file as its artifact, and the torch-free serving code in its code_paths, so an
+        environment built from its requirements alone (`--env-manager virtualenv`,
+        `mlflow models build-docker`) serves it without mcis installed."""
+        import shutil
+
+        import mlflow
+        import pandas as pd
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+        from mlflow.types.schema import Array
+
+        from mcis_cli import serving as serving_code
+
+        package = Path(serving_code.__file__).parent
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("binary", "image")]),
+            outputs=Schema([ColSpec(Array(Array(DataType.long)), "mask"),  # HxW class indices
+                            ColSpec(Array(DataType.double), "scores", required=False)]),
+            params=ParamSchema([ParamSpec("scores", "boolean", False)]),
+        )
+        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.run_id):
+            code = Path(tmp) / "mcis_cli"
+            for relative in serving_code.SERVING_CODE:
+                (code / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(package / relative, code / relative)
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(package / "pyfunc_model.py"),
+                artifacts={"onnx": str(onnx_path)},
+                code_paths=[str(code)],
+                signature=signature,
+                input_example=pd.DataFrame({"image": [example_image]}),
+                model_config={"providers": SERVING_PROVIDERS[serving]},
+                pip_requirements=serving_requirements(serving),
+                registered_model_name=registered_name,
+            )
 
     def set_model_version_tag(self, name: str, version: str, key: str, value: Any) -> None:
         self.client.set_model_version_tag(name, version, key, str(value))
@@ -459,10 +505,18 @@ def download_model(uri: str) -> Path:
             f"model {uri} not found in the registry at {tracking_uri()} ({type(exc).__name__}); "
             "check the name and version, e.g. in `mcis ui`"
         ) from None
-    found = sorted(folder.glob("*.onnx"))
+    found = sorted(folder.rglob("*.onnx"))  # the served model keeps it under artifacts/
     if not found:
         raise McisError(f"model {uri} holds no .onnx file; register one with `mcis export`")
     return found[0]
+
+
+def serving_requirements(serving: str) -> list[str]:
+    """Pinned requirements of a served model: this environment's versions of what the serving
+    code imports, and the onnxruntime package of the `serving` variant."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "pandas", "pillow")] + [ONNXRUNTIME[serving]]
 
 
 def workdir(cfg: Config, run_id: str) -> Path:

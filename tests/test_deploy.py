@@ -86,7 +86,7 @@ def test_compose_services_and_bindings():
     services = COMPOSE["services"]
     for name, service in services.items():
         assert service.keys() <= SERVICE_KEYS, f"{name}: {service.keys() - SERVICE_KEYS}"
-    assert set(services) == {"postgres", "mlflow", "train", "serve"}
+    assert set(services) == {"postgres", "mlflow", "train", "serve", "serve-inbox"}
     targets = dockerfile_stages()
     for name, service in services.items():
         assert "image" in service or "build" in service, name
@@ -122,7 +122,7 @@ def test_compose_mlflow_is_postgres_backed_authenticated_and_serves_artifacts():
 
 
 def test_compose_gpu_services_log_in_to_the_server():
-    for name in ("train", "serve"):
+    for name in ("train", "serve", "serve-inbox"):
         service = COMPOSE["services"][name]
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices), name
@@ -133,8 +133,19 @@ def test_compose_gpu_services_log_in_to_the_server():
     train = COMPOSE["services"]["train"]
     assert any(target == "/app/data" and mode == "ro" for _, target, mode in mounts(train))
     assert load_config(REPO / train["command"][3]).data.root.startswith("data/")  # under the mount
-    serve = COMPOSE["services"]["serve"]["command"]
-    assert serve[:2] == ["python", "deploy/serve.py"] and (REPO / serve[1]).is_file()
+    inbox = COMPOSE["services"]["serve-inbox"]["command"]
+    assert inbox[:2] == ["python", "deploy/serve.py"] and (REPO / inbox[1]).is_file()
+
+
+def test_compose_serve_is_mlflow_models_serve_on_loopback():
+    """The HTTP server test_serving.py runs, on the registered model, published on 127.0.0.1."""
+    serve = COMPOSE["services"]["serve"]
+    command = [interpolate(str(part), env_example()) for part in serve["command"]]
+    option = {flag: command[i + 1] for i, flag in enumerate(command[:-1]) if flag.startswith("-")}
+    assert command[:3] == ["mlflow", "models", "serve"]
+    assert option["-m"].startswith("models:/mcis-deeplab/") and option["--env-manager"] == "local"
+    assert serve["ports"] == [f"127.0.0.1:{option['--port']}:{option['--port']}"]
+    assert f"127.0.0.1:{option['--port']}/ping" in serve["healthcheck"]["test"][-1]
 
 
 def test_env_example_defines_every_required_variable():

@@ -244,3 +244,38 @@ def test_predict_masks_equal_evaluate_masks(toy_root, tmp_path, monkeypatch):
     for path in expected:
         served = np.asarray(Image.open(tmp_path / "pred" / path.name))
         np.testing.assert_array_equal(served, np.asarray(Image.open(path)), err_msg=path.name)
+
+
+def test_fp16_export_is_checked_against_torch_and_registered_as_fp16(store):
+    cfg = _config(store, "name=export-fp16", "export.precision=fp16")
+    model = spread_model()
+    result = export.run(cfg, from_run=segment_run(cfg, model))
+    fp16 = Path(result.outputs["fp16"])
+    assert fp16.name == "model.fp16.onnx" and fp16.parent == Path(result.outputs["onnx"]).parent
+    graph = onnx.load(fp16).graph
+    types = {t.name: t.type.tensor_type.elem_type for t in [*graph.input, *graph.output]}
+    assert types == {"input": onnx.TensorProto.FLOAT, "logits": onnx.TensorProto.FLOAT}  # fp32 boundary
+    assert onnx.TensorProto.FLOAT16 in {init.data_type for init in graph.initializer}
+    session, _ = predict.open_session(fp16, "cpu")
+    x = torch.randn(2, 3, 41, 53, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    relative = np.abs(got - expected).max() / np.abs(expected).max()
+    assert 0 < relative <= cfg.export.fp16_tolerance  # not fp32 in disguise, and within the bound
+    assert 0 < result.metrics["fp16/max_rel_diff"] <= cfg.export.fp16_tolerance
+    assert result.metrics["fp16/argmax_agree"] > 0.98
+    version = result.outputs["registered"].rsplit("/", 1)[1]
+    tags = MlflowClient().get_model_version("mcis-deeplab", version).tags
+    assert (tags["precision"], tags["file"], tags["serving"]) == ("fp16", "model.fp16.onnx", "cpu")
+    assert float(tags["fp16/max_rel_diff"]) == pytest.approx(result.metrics["fp16/max_rel_diff"])
+
+
+def test_fp16_beyond_tolerance_fails_and_int8_needs_a_quantizer(store):
+    cfg = _config(store, "name=export-fp16-tight", "export.precision=fp16", "export.fp16_tolerance=1e-9")
+    before = set((store / "runs").glob("*/model.fp16.onnx"))
+    with pytest.raises(McisError, match=r"model\.fp16\.onnx\) and PyTorch disagree: max_rel_diff.*export\.fp16_tolerance.*no model written"):
+        export.run(cfg, from_run=segment_run(cfg, spread_model()))
+    assert set((store / "runs").glob("*/model.fp16.onnx")) == before
+    with pytest.raises(McisError, match="precision=int8 needs export.quantize"):
+        export.run(_config(store, "export.precision=int8"))

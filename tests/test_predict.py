@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from mcis_cli import serving
 from mcis_cli.cli import app
 from mcis_cli.data import transforms
 from mcis_cli.errors import McisError
@@ -86,9 +87,9 @@ def test_cuda_with_the_cpu_package_is_a_clear_error(model_file):
 
 def test_cuda_listed_without_a_gpu(model_file, monkeypatch):
     """onnxruntime-gpu on a machine without a GPU lists CUDA, then runs on the CPU."""
-    monkeypatch.setattr(predict.ort, "get_available_providers",
+    monkeypatch.setattr(serving.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(predict.ort, "InferenceSession", _CpuOnlySession)
+    monkeypatch.setattr(serving.ort, "InferenceSession", _CpuOnlySession)
     with pytest.raises(McisError, match="did not start"):
         predict.open_session(model_file[1], "cuda")
     assert predict.open_session(model_file[1], "auto")[1] == "CPUExecutionProvider"

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageEnhance, UnidentifiedImageError
@@ -52,14 +52,17 @@ def _readable(path: str | Path) -> Iterator[None]:
         ) from None
     except FileNotFoundError:
         raise McisError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:  # its text repeats the file object, which bytes have no name for
+        raise McisError(f"{path}: corrupt or unreadable image (no format Pillow reads); "
+                        "replace or remove it") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise McisError(
             f"{path}: corrupt or unreadable image ({exc}); replace or remove it"
         ) from None
 
 
-def _open(path: str | Path) -> Image.Image:
-    with _readable(path):
+def _open(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    with _readable(name or path):
         image = Image.open(path)
         image.load()  # decode now: a truncated file fails here, not mid-epoch
     return image
@@ -75,9 +78,10 @@ def probe_image(path: str | Path) -> tuple[int, int]:
     return size
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 HxWx3; gray, palette, CMYK and RGBA inputs are converted."""
-    image = _open(path)
+def load_image(path: str | Path | BinaryIO, name: str | None = None) -> np.ndarray:
+    """RGB uint8 HxWx3; gray, palette, CMYK and RGBA inputs are converted. `name` says what the
+    source is in error messages (a file object, e.g. the bytes of a served request, has none)."""
+    image = _open(path, name)
     if image.mode in ("I", "I;16", "F"):  # 16-bit / float gray: rescale to 8 bit first
         values = np.asarray(image, dtype=np.float64)
         span = max(values.max() - values.min(), 1e-12)

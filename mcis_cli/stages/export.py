@@ -4,10 +4,15 @@ The graph keeps batch, height and width dynamic, and its metadata carries the cl
 the normalisation, so `mcis predict` (or any ONNX consumer) needs nothing else. The file is
 checked before it takes its final name: the ONNX checker, then ONNX Runtime against PyTorch at
 `export.parity_sizes`; beyond `export.tolerance` the stage fails and leaves no model behind.
+`export.precision: fp16` adds a half-precision copy for GPUs, checked the same way against
+PyTorch fp32 (relative tolerance); the registered MLflow model serves the chosen precision
+(`mcis_cli/pyfunc_model.py`: images in, masks out), beside the plain ONNX flavour.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import os
 import shutil
@@ -20,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from PIL import Image
 from torch import nn
 from torch.export import Dim
 
@@ -29,8 +35,8 @@ from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
 from mcis_cli.files import exclusive_file
 from mcis_cli.progress import console
+from mcis_cli.serving import JSON_KEYS, infer, open_session, preprocess, read_metadata
 from mcis_cli.stages import StageResult, segment
-from mcis_cli.stages.predict import JSON_KEYS, infer, open_session, preprocess, read_metadata
 
 CALIBRATION_IMAGES = 16  # training images that set the int8 activation ranges (static mode)
 
@@ -97,27 +103,83 @@ def _best_time(call, repeats: int) -> float:
 
 
 @torch.no_grad()
-def parity(model: nn.Module, session, sizes: list[list[int]], seed: int = 0, repeats: int = 3) -> dict:
-    """ONNX Runtime vs PyTorch logits on random inputs of each (N, H, W), and their speed ratio
-    (`speed/ort_over_torch` > 1: ORT is faster): per size the best of `repeats` calls after the
-    comparison call, which also warms both up (PyTorch builds its kernels per new shape)."""
+def parity(model: nn.Module, session, sizes: list[list[int]], seed: int = 0, repeats: int = 3,
+           prefix: str = "parity") -> dict:
+    """ONNX Runtime vs PyTorch logits on random inputs of each (N, H, W): the max abs difference,
+    the same relative to the largest PyTorch logit (`max_rel_diff`, what bounds fp16) and argmax
+    agreement, under `prefix/`. With `repeats`, also the speed ratio (`speed/ort_over_torch` > 1:
+    ORT is faster): per size the best of `repeats` calls after the comparison call, which also
+    warms both up (PyTorch builds its kernels per new shape)."""
     generator = torch.Generator().manual_seed(seed)
-    report = {"parity/max_abs_diff": 0.0, "parity/argmax_agree": 1.0, "sizes": {}}
+    worst = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "argmax_agree": 1.0}
+    report = {"sizes": {}}
     seconds = {"torch": 0.0, "ort": 0.0}
     for n, h, w in sizes:
         x = torch.randn(n, 3, h, w, generator=generator)
         feed = {"input": x.numpy()}
         expected = model(x).numpy()
         got = session.run(None, feed)[0]
-        seconds["torch"] += _best_time(lambda x=x: model(x), repeats)
-        seconds["ort"] += _best_time(lambda feed=feed: session.run(None, feed), repeats)
+        if repeats:
+            seconds["torch"] += _best_time(lambda x=x: model(x), repeats)
+            seconds["ort"] += _best_time(lambda feed=feed: session.run(None, feed), repeats)
         diff = float(np.abs(got - expected).max())
-        agree = float((got.argmax(1) == expected.argmax(1)).mean())
-        report["sizes"][f"{n}x{h}x{w}"] = {"max_abs_diff": diff, "argmax_agree": agree}
-        report["parity/max_abs_diff"] = max(report["parity/max_abs_diff"], diff)
-        report["parity/argmax_agree"] = min(report["parity/argmax_agree"], agree)
-    report["speed/ort_over_torch"] = seconds["torch"] / max(seconds["ort"], 1e-9)
+        size = {"max_abs_diff": diff, "max_rel_diff": diff / max(float(np.abs(expected).max()), 1e-12),
+                "argmax_agree": float((got.argmax(1) == expected.argmax(1)).mean())}
+        report["sizes"][f"{n}x{h}x{w}"] = size
+        worst = {k: (min if k == "argmax_agree" else max)(v, size[k]) for k, v in worst.items()}
+    report.update({f"{prefix}/{k}": v for k, v in worst.items()})
+    if repeats:
+        report["speed/ort_over_torch"] = seconds["torch"] / max(seconds["ort"], 1e-9)
     return report
+
+
+class Fp16(nn.Module):
+    """The segmenter in half precision behind float32 inputs and outputs: the casts are the
+    graph's first and last nodes, so clients feed and read float32 whatever the precision."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = copy.deepcopy(model).half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
+
+
+# what bounds each check of `save_checked`: the metric (under its prefix) and the export.* setting
+BOUNDS = {"parity": ("max_abs_diff", "tolerance"), "fp16": ("max_rel_diff", "fp16_tolerance")}
+
+
+def save_checked(program: torch.onnx.ONNXProgram, target: Path, model: nn.Module, cfg: Config,
+                 tracker, prefix: str = "parity") -> dict[str, float]:
+    """Write `program` as `target` once ONNX Runtime on it agrees with PyTorch fp32 at
+    `export.parity_sizes` (fp32: max abs logit difference; fp16: the same relative to the largest
+    logit, and no timing); otherwise the stage fails and nothing is left under `target`."""
+    metric, setting = BOUNDS[prefix]
+    bound = getattr(cfg.export, setting)
+    with staged(target) as tmp:
+        program.save(tmp, external_data=False)  # external data only beyond protobuf's 2 GB
+        session, _ = open_session(tmp, "cpu")
+        report = parity(model, session, cfg.export.parity_sizes, repeats=3 if prefix == "parity" else 0,
+                        prefix=prefix)
+        scores = {k: v for k, v in report.items() if k != "sizes"}
+        tracker.log_metrics(scores)
+        tracker.log_dict(report, f"{prefix}.json")
+        if scores[f"{prefix}/{metric}"] > bound:
+            raise McisError(
+                f"ONNX Runtime ({target.name}) and PyTorch disagree: {metric} of the logits "
+                f"{scores[f'{prefix}/{metric}']:.3g} > export.{setting} {bound:g} "
+                f"(per size: {report['sizes']}); no model written"
+            )
+    return scores
+
+
+def example_png(size: int = 64) -> bytes:
+    """A PNG of coloured blocks: the served model's input example, run once when it is logged."""
+    rng = np.random.default_rng(0)
+    rgb = np.kron(rng.integers(0, 256, (size // 8, size // 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def source_miou(cfg: Config, source: tracking.SourceRun) -> tuple[float, str] | None:
@@ -194,6 +256,9 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
     served name by mistake, it would stand in for the method (its tags say which it is).
     """
     ex = cfg.export
+    if ex.precision == "int8" and ex.quantize == "none":
+        raise McisError("export.precision=int8 needs export.quantize=dynamic or static "
+                        "(how the int8 model is made)")
     source = tracking.resolve_run(cfg, "segment", from_run)
     if source.role == tracking.CEILING and not ceiling:
         raise McisError(f"segment run {source.run_id} is the fully supervised ceiling (trained on "
@@ -204,21 +269,10 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
     lock = exclusive_file(out, "--out file") if out else nullcontext()  # the default is the run's own
     with lock, tracking.stage_run(cfg, "export", source=source, parent=parent) as tracker:
         target = Path(out) if out else tracking.workdir(cfg, tracker.run_id) / "model.onnx"
-        program = to_onnx(model, ex.opset, model_metadata(meta, source.run_id, ex.opset))
+        metadata = model_metadata(meta, source.run_id, ex.opset)
+        program = to_onnx(model, ex.opset, metadata)
         previous = _describe(target) if target.exists() else None
-        with staged(target) as tmp:
-            program.save(tmp, external_data=False)  # external data only beyond protobuf's 2 GB
-            session, _ = open_session(tmp, "cpu")
-            report = parity(model, session, ex.parity_sizes)
-            scores = {k: v for k, v in report.items() if k != "sizes"}
-            tracker.log_metrics(scores)
-            tracker.log_dict(report, "parity.json")
-            if scores["parity/max_abs_diff"] > ex.tolerance:
-                raise McisError(
-                    f"ONNX Runtime and PyTorch disagree: max abs logit difference "
-                    f"{scores['parity/max_abs_diff']:.3g} > export.tolerance {ex.tolerance:g} "
-                    f"(per size: {report['sizes']}); no model written"
-                )
+        scores = save_checked(program, target, model, cfg, tracker)
         if previous:
             console.print(f"export: replaced {target}, which held {previous}")
         tracker.log_artifact(target, "onnx")
@@ -231,13 +285,23 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
             quant["quant/size_ratio"] = int8.stat().st_size / target.stat().st_size
             tracker.log_metrics(quant)
             scores.update(quant)
+        if ex.precision == "fp16":
+            fp16 = target.with_name(f"{target.name.removesuffix('.onnx')}.fp16.onnx")
+            scores.update(save_checked(to_onnx(Fp16(model).eval(), ex.opset, metadata), fp16, model,
+                                       cfg, tracker, prefix="fp16"))
+            tracker.log_artifact(fp16, "onnx")
+            outputs["fp16"] = str(fp16)
         if ex.register_model:
+            served = Path(outputs["onnx" if ex.precision == "fp32" else ex.precision])
             example = np.random.default_rng(0).standard_normal((1, 3, 64, 64), dtype=np.float32)
-            info = tracker.log_onnx_model(onnx.load(target), "model", example, ex.model_name)
+            tracker.log_onnx_model(onnx.load(served), "onnx", example, serving=ex.serving)
+            info = tracker.log_serving_model(served, "model", example_png(), ex.model_name, ex.serving)
             version = str(info.registered_model_version)
             tags = {tracking.SOURCE_TAG: source.run_id, tracking.ROLE_TAG: source.role,
                     tracking.LABELS_TAG: source.tags.get(tracking.LABELS_TAG, "pseudo"),
-                    "parity/max_abs_diff": scores["parity/max_abs_diff"]}
+                    "parity/max_abs_diff": scores["parity/max_abs_diff"],
+                    "precision": ex.precision, "serving": ex.serving, "file": served.name}
+            tags.update({k: v for k, v in scores.items() if k.startswith("fp16/")})
             found = source_miou(cfg, source)
             if found:
                 tags["miou"], tags["miou_from"] = found
