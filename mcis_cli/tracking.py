@@ -429,6 +429,8 @@ class Tracker:
                 registered_model_name=registered_name,
                 onnx_execution_providers=SERVING_PROVIDERS[serving],
                 pip_requirements=serving_requirements(serving),
+                # one file, as `mcis export` writes it: onnx creates external data files 0600
+                save_as_external_data=False,
             )
 
     def log_serving_model(self, onnx_path: Path, name: str, example_image: bytes,
