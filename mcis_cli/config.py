@@ -251,7 +251,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise McisError(f"config file not found: {path} (pass --config with an existing YAML file)")
+        hint = ("the default is relative to the current folder: run from the mcis checkout or pass "
+                "--config PATH") if path == DEFAULT_CONFIG else "pass --config with an existing YAML file"
+        raise McisError(f"config file not found: {path} ({hint})")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -339,9 +341,6 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (and its `base:` chain), apply `key=value` overrides and validate every type."""
     path = Path(path) if path else DEFAULT_CONFIG
-    if path == DEFAULT_CONFIG and not path.is_file():
-        raise McisError(f"config file not found: {path} (the default is relative to the current folder: "
-                        "run from the mcis checkout or pass --config PATH)")
     tree = _read_tree(path)
     try:
         Config.model_validate(tree)
