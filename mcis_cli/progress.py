@@ -1,4 +1,4 @@
-"""Rich progress bars: one look for every long loop."""
+"""The consoles and progress bars: results on stdout (`out`), progress and notes on stderr."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress bars, warnings, notes: never mixed into results
+out = Console()  # results tables and summaries
+
+
+def note(text: str) -> None:
+    """One plain line on stderr (no markup, no wrapping): warnings and notes of the middle layer."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def training_progress() -> Progress:
