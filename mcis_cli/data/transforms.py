@@ -126,14 +126,23 @@ def save_palette_png(path: str | Path, mask: np.ndarray) -> None:
         image.save(tmp, format="PNG")
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 RGB -> float32 3xHxW normalised with the ImageNet mean and std."""
+def normalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 (..., 3, H, W) RGB -> float32 scaled to 0-1, then (x - mean) / std, on x's device.
+    The one normalisation of the PyTorch side; ONNX serving has a numpy copy (`serving.preprocess`)
+    because it must run without torch."""
     import torch  # here, so that data tools and ONNX serving never load torch
 
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    mean = torch.tensor(mean, device=x.device).view(3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> float32 3xHxW normalised with the ImageNet mean and std."""
+    import torch
+
+    return normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
 
 
 def resize(image: np.ndarray, size: tuple[int, int], resample: str = "bilinear") -> np.ndarray:

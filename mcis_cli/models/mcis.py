@@ -17,6 +17,9 @@ from torch import nn
 from mcis_cli.models.backbone import VGG16D1, conv_relu
 
 
+VIEW_SCALES = (0.75, 2.0)  # the resized self-pair views of training and test.py; the flip keeps the size
+
+
 def gap(x: torch.Tensor) -> torch.Tensor:
     """Global average pooling: (B, K, h, w) maps -> (B, K) scores."""
     return x.mean(dim=(2, 3))

@@ -1,0 +1,120 @@
+"""What one stage leaves for the next: the artifact names and the files behind them.
+
+A stage reads another stage's outputs only through this module (localization maps, pseudo masks,
+the classifier, the segmenter, resume states), so each file format is written down once and no
+stage module imports another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mcis_cli.errors import McisError
+from mcis_cli.files import atomic_path
+
+if TYPE_CHECKING:  # torch stays out of the imports of data tools and serving
+    import torch
+    from torch import nn
+
+    from mcis_cli.config import Config, SegmentCfg
+    from mcis_cli.models.mcis import MCISNet
+    from mcis_cli.tracking import SourceRun
+
+MODEL = "checkpoints/model.pt"  # a trained model: classify's classifier, segment's segmenter
+LAST = "checkpoints/last.pt"  # the resume state of classify and segment
+MAPS = "maps"  # localize: <id>.npz per training image
+MAP_PREVIEWS = "maps_png"  # localize, localize.previews: <id>_<class>.png per map
+PSEUDO = "pseudo"  # pseudolabel: <id>.png per training image, 255 = ignored
+
+
+# ---- localization maps -----------------------------------------------------------------------
+def map_file(folder: Path, image_id: str) -> Path:
+    return folder / f"{image_id}.npz"
+
+
+def save_maps(path: Path, maps: np.ndarray, classes: Sequence[int]) -> None:
+    """<id>.npz with `maps` float16 (n, H, W) and `classes` (0-based), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, maps=maps.astype(np.float16), classes=np.asarray(classes, np.int64))
+
+
+def load_maps(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(maps (n, H, W) float16, classes (n,)) of a `save_maps` file."""
+    with np.load(path) as data:
+        return data["maps"], data["classes"]
+
+
+def save_previews(folder: Path, image_id: str, maps: np.ndarray, classes: Sequence[int]) -> None:
+    """The official code's format: one uint8 PNG per class, `<id>_<c>.png`."""
+    from PIL import Image
+
+    for plane, c in zip(maps, classes, strict=True):
+        with atomic_path(folder / f"{image_id}_{c}.png") as tmp:
+            Image.fromarray(np.uint8(np.round(plane.astype(np.float32) * 255))).save(tmp, format="PNG")
+
+
+# ---- pseudo masks --------------------------------------------------------------------------
+def mask_file(folder: Path, image_id: str) -> Path:
+    return folder / f"{image_id}.png"
+
+
+# ---- models ----------------------------------------------------------------------------------
+def classifier_file(model: MCISNet, input_size: int, method: str) -> dict[str, Any]:
+    """What localize loads: the weights and the hyper-parameters that rebuild the classifier."""
+    return {
+        "state_dict": model.state_dict(), "num_classes": model.num_classes,
+        "width": model.width, "batch_norm": model.batch_norm, "blocks": model.blocks,
+        "affinity": model.affinity_kind, "temperature": model.temperature,
+        "input_size": input_size, "method": method,
+    }
+
+
+def load_classifier(source: SourceRun, device: torch.device) -> tuple[MCISNet, dict]:
+    """The classify run's model in eval mode on `device`, and its metadata (input_size, method, ...)."""
+    from mcis_cli.models.mcis import MCISNet
+    from mcis_cli.runtime import load_checkpoint
+
+    state = load_checkpoint(source.fetch(MODEL))
+    model = MCISNet.from_checkpoint(state).to(device).eval()
+    meta = {k: v for k, v in state.items() if k != "state_dict"}
+    meta.setdefault("input_size", source.config().classify.input_size)
+    return model, meta
+
+
+def segmenter_file(model: nn.Module, seg: SegmentCfg, class_names: Sequence[str],
+                   mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """What evaluate and export load: the weights, the hyper-parameters that rebuild the model,
+    the class names (background first) and the input normalisation."""
+    return {
+        "state_dict": model.state_dict(), "arch": seg.arch, "num_classes": len(class_names),
+        "width": model.width, "batch_norm": seg.batch_norm, "blocks": seg.blocks,
+        "class_names": list(class_names), "mean": list(mean), "std": list(std),
+    }
+
+
+def load_segmenter(path: str | Path) -> tuple[nn.Module, dict]:
+    """The model of a segment run's MODEL file, in eval mode on the CPU, and its metadata
+    (arch, num_classes, width, class_names with background first, mean, std)."""
+    from mcis_cli.config import SegmentCfg
+    from mcis_cli.models.deeplab import build_segmenter
+    from mcis_cli.runtime import load_checkpoint
+
+    state = load_checkpoint(path)
+    missing = {"state_dict", "arch", "num_classes", "width"} - state.keys()
+    if missing:
+        raise McisError(f"{path} is not a segment model file: it lacks {sorted(missing)}")
+    seg = SegmentCfg(arch=state["arch"], width=state["width"], batch_norm=state.get("batch_norm", False),
+                     blocks=state.get("blocks", 5))
+    model = build_segmenter(seg, state["num_classes"])
+    model.load_state_dict(state["state_dict"])
+    return model.eval(), {k: v for k, v in state.items() if k != "state_dict"}
+
+
+def resume_state(cfg: Config, prior: SourceRun) -> Path | None:
+    """The LAST file of a run being resumed: its own folder's copy, else its artifact; None when
+    it has none (killed before its first checkpoint: it starts over, as an uninterrupted run)."""
+    return prior.local_or_fetched(Path(cfg.output_dir) / prior.run_id / LAST, LAST)
