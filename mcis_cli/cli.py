@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from mcis_cli import __version__
-from mcis_cli.config import DEFAULT_CONFIG, Config, load_config
+from mcis_cli.config import DEFAULT_CONFIG, load_config
 from mcis_cli.errors import McisError
+from mcis_cli.progress import console as err
+from mcis_cli.progress import out
 
 _value_type = typer.core.TyperOption.display_type_rich
 
@@ -36,9 +38,6 @@ data_app = typer.Typer(help="Build or validate a dataset in the VOC2012 layout."
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
-
-out = Console()
-err = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
 
@@ -77,10 +76,6 @@ def friendly(command):
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def _load(config: Path, sets: list[str]) -> Config:
-    return load_config(config, sets)
 
 
 def _summary(title: str, result) -> None:
@@ -157,59 +152,61 @@ def data_check(
 @friendly
 def config_show(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("data.root=data/voc") = []) -> None:  # noqa: B006
     """Print the resolved config as YAML."""
-    out.print(_load(config, sets).to_yaml(), highlight=False, markup=False)
+    out.print(load_config(config, sets).to_yaml(), highlight=False, markup=False)
 
 
 # ---- stages -------------------------------------------------------------------------------
-@app.command()
-@friendly
+def stage_command(command):
+    """A stage's command: it returns the stage's result, printed as a summary table. The stage
+    module is imported only when its command runs, so `mcis --help` does not load torch."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        _summary(command.__name__, command(*args, **kwargs))
+
+    return app.command()(friendly(wrapper))
+
+
+def _stage(name: str):
+    return importlib.import_module(f"mcis_cli.stages.{name}")
+
+
+@stage_command
 def classify(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("classify.lr=0.01") = [],  # noqa: B006
-             resume: ResumeOpt = None) -> None:
+             resume: ResumeOpt = None):
     """Train the co-attention classifier on same-class image pairs."""
-    from mcis_cli.stages import classify as stage
-
-    _summary("classify", stage.run(_load(config, sets), resume=resume))
+    return _stage("classify").run(load_config(config, sets), resume=resume)
 
 
-@app.command()
-@friendly
+@stage_command
 def localize(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("localize.partners=5") = [],  # noqa: B006
-             from_run: FromRunOpt = None) -> None:
+             from_run: FromRunOpt = None):
     """Cross-image localization maps for every training image."""
-    from mcis_cli.stages import localize as stage
-
-    _summary("localize", stage.run(_load(config, sets), from_run=from_run))
+    return _stage("localize").run(load_config(config, sets), from_run=from_run)
 
 
-@app.command()
-@friendly
+@stage_command
 def pseudolabel(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("pseudolabel.fg_thr=0.4") = [],  # noqa: B006
-                from_run: FromRunOpt = None) -> None:
+                from_run: FromRunOpt = None):
     """Pseudo masks from localization maps and a background cue."""
-    from mcis_cli.stages import pseudolabel as stage
-
-    _summary("pseudolabel", stage.run(_load(config, sets), from_run=from_run))
+    return _stage("pseudolabel").run(load_config(config, sets), from_run=from_run)
 
 
-@app.command()
-@friendly
+@stage_command
 def segment(
     config: ConfigOpt = DEFAULT_CONFIG,
     sets: set_option("segment.iters=3000") = [],  # noqa: B006
     from_run: FromRunOpt = None,
     labels: Annotated[str, typer.Option(help="pseudo (the method) or gt (the ceiling).")] = "pseudo",
     resume: ResumeOpt = None,
-) -> None:
+):
     """Train DeepLab-LargeFOV on the pseudo masks (poly schedule)."""
-    from mcis_cli.stages import segment as stage
-
     if labels not in ("pseudo", "gt"):
         raise McisError(f"--labels must be 'pseudo' or 'gt', got {labels!r}")
-    _summary("segment", stage.run(_load(config, sets), from_run=from_run, labels=labels, resume=resume))
+    return _stage("segment").run(load_config(config, sets), from_run=from_run, labels=labels, resume=resume)
 
 
-@app.command()
-@friendly
+@stage_command
 def evaluate(
     config: ConfigOpt = DEFAULT_CONFIG,
     sets: set_option("evaluate.scales=[1.0]") = [],  # noqa: B006
@@ -217,20 +214,17 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="Split to score (default: by stage).")] = None,
     crf: Annotated[bool | None, typer.Option("--crf/--no-crf", help="Dense CRF on top (default: evaluate.crf).")] = None,
     save: Annotated[bool, typer.Option("--save", help="Write predicted masks as PNGs.")] = False,
-) -> None:
+):
     """Score any stage's output: maps, pseudo masks or the segmentation model."""
-    from mcis_cli.stages import evaluate as stage
-
-    cfg = _load(config, sets)
+    cfg = load_config(config, sets)
     if crf is not None:
         cfg.evaluate.crf = crf
     if save:
         cfg.evaluate.save_masks = True
-    _summary("evaluate", stage.run(cfg, from_run=from_run, split=split))
+    return _stage("evaluate").run(cfg, from_run=from_run, split=split)
 
 
-@app.command()
-@friendly
+@stage_command
 def export(
     config: ConfigOpt = DEFAULT_CONFIG,
     sets: set_option("export.opset=17") = [],  # noqa: B006
@@ -239,11 +233,9 @@ def export(
         "--out", help="Where to write the .onnx file.", show_default="<output_dir>/<run id>/model.onnx")] = None,
     ceiling: Annotated[bool, typer.Option(
         "--ceiling", help="Allow exporting the fully supervised ceiling (a --labels gt run).")] = False,
-) -> None:
+):
     """Export the segmentation model to ONNX, check parity, register it."""
-    from mcis_cli.stages import export as stage
-
-    _summary("export", stage.run(_load(config, sets), from_run=from_run, out=out_path, ceiling=ceiling))
+    return _stage("export").run(load_config(config, sets), from_run=from_run, out=out_path, ceiling=ceiling)
 
 
 @app.command()
@@ -255,11 +247,11 @@ def predict(
     provider: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Segment new images with ONNX Runtime (no PyTorch needed at serving time)."""
-    from mcis_cli.stages import predict as stage
+    from mcis_cli.predict import predict_files
 
     if provider not in ("auto", "cpu", "cuda"):
         raise McisError(f"--provider must be auto, cpu or cuda, got {provider!r}")
-    result = stage.run(model, images, out_dir, provider=provider)
+    result = predict_files(model, images, out_dir, provider=provider)
     out.print(str(result), highlight=False)
     for reason in result.failed.values():
         err.print(f"[bold red]error:[/] {reason}", highlight=False, soft_wrap=True)
@@ -275,9 +267,9 @@ def pipeline(
     ablation: Annotated[bool, typer.Option("--ablation", help="Also run the component ablation.")] = False,
 ) -> None:
     """Every stage in order under one parent MLflow run, then the results table."""
-    from mcis_cli import pipeline as stage
+    from mcis_cli import pipeline as driver
 
-    stage.run(_load(config, sets), ablation=ablation, console=out)
+    driver.run(load_config(config, sets), ablation=ablation)
 
 
 @app.command()

@@ -237,6 +237,14 @@ class Config(Section):
         """Dotted key -> value, the form MLflow params take."""
         return flatten(self.model_dump(mode="json"))
 
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A validated copy with some fields of some sections replaced, e.g.
+        `cfg.replace(classify={"method": "cam"})`: how the pipeline derives its variants."""
+        tree = self.model_dump()
+        for section, fields in sections.items():
+            tree[section].update(fields)
+        return Config.model_validate(tree)
+
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}

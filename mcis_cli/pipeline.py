@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
-from mcis_cli import tracking
+from mcis_cli import reporting, tracking
 from mcis_cli.config import Config
 from mcis_cli.errors import McisError
+from mcis_cli.progress import out
 from mcis_cli.stages import StageResult
 
 ABLATION_TAG = "mcis.ablation"
@@ -29,20 +29,12 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
 
 
-def _with(cfg: Config, **sections) -> Config:
-    """A copy of cfg with some section fields replaced, e.g. _with(cfg, classify={"method": "cam"})."""
-    tree = cfg.model_dump()
-    for section, fields in sections.items():
-        tree[section].update(fields)
-    return Config.model_validate(tree)
-
-
 def cam_baseline(cfg: Config) -> Config:
     """The plain-CAM baseline of a config: the same classifier trained and read without co-attention."""
-    return _with(cfg, classify={"method": "cam"}, localize={"method": "cam"})
+    return cfg.replace(classify={"method": "cam"}, localize={"method": "cam"})
 
 
-def ensure_data(cfg: Config, console: Console) -> None:
+def ensure_data(cfg: Config) -> None:
     root = Path(cfg.data.root)
     if root.exists():
         return
@@ -51,7 +43,7 @@ def ensure_data(cfg: Config, console: Console) -> None:
     from mcis_cli.data import synth
 
     s = cfg.data.synth
-    console.print(f"writing the embedded dataset to {root}")
+    out.print(f"writing the embedded dataset to {root}")
     synth.write(root, seed=s.seed, n_train=s.n_train, n_val=s.n_val, size=s.size,
                 n_extra=s.n_extra, n_web=s.n_web)
 
@@ -63,14 +55,14 @@ class Steps:
     compare view tells `segment` from `segment_gt`, and a half-done step is never taken for another.
     """
 
-    def __init__(self, parent_id: str, done: dict[str, tracking.SourceRun], console: Console):
-        self.parent_id, self.done, self.console = parent_id, done, console
+    def __init__(self, parent_id: str, done: dict[str, tracking.SourceRun]):
+        self.parent_id, self.done = parent_id, done
 
     def __call__(self, name: str, call: Callable[[tracking.Nest], StageResult], **tags: str) -> StageResult:
         if name in self.done:
-            self.console.print(f"[dim]{name}: reusing finished run {self.done[name].run_id}[/]")
+            out.print(f"[dim]{name}: reusing finished run {self.done[name].run_id}[/]")
             return StageResult(self.done[name].run_id, self.done[name].metrics)
-        self.console.rule(f"[bold]{name}")
+        out.rule(f"[bold]{name}")
         return call(tracking.Nest(self.parent_id, name, tags))
 
 
@@ -96,22 +88,21 @@ def method_steps(cfg: Config, step: Steps) -> dict[str, StageResult]:
     return r
 
 
-def setting1_metrics(cfg: Config, console: Console) -> dict[str, float] | None:
+def setting1_metrics(cfg: Config) -> dict[str, float] | None:
     """Summary metrics of the latest finished pipeline of `pipeline.compare_to` (setting 1)."""
     name = cfg.pipeline.compare_to
     if not name:
         return None
-    runs = tracking.find_runs(_with(cfg, tracking={"experiment": name}), "pipeline")
+    runs = tracking.find_runs(cfg.replace(tracking={"experiment": name}), "pipeline")
     if not runs:
-        console.print(f"[yellow]warning:[/] no finished pipeline in experiment {name!r} to compare "
+        out.print(f"[yellow]warning:[/] no finished pipeline in experiment {name!r} to compare "
                       f"with; run `mcis pipeline --config configs/{name}.yaml` first")
         return {}
     return runs[0].metrics
 
 
-def run(cfg: Config, ablation: bool = False, console: Console | None = None) -> dict[str, StageResult]:
-    console = console or Console()
-    ensure_data(cfg, console)
+def run(cfg: Config, ablation: bool = False) -> dict[str, StageResult]:
+    ensure_data(cfg)
     digest = config_hash(cfg)
     unfinished = tracking.find_runs(cfg, "pipeline", finished=False, **{"mcis.config_hash": digest})
     resume = unfinished[0].run_id if unfinished else None
@@ -119,18 +110,18 @@ def run(cfg: Config, ablation: bool = False, console: Console | None = None) -> 
     with tracking.stage_run(cfg, "pipeline", resume=resume, run_name="pipeline") as parent:
         parent.set_tags({"mcis.config_hash": digest})
         done = tracking.finished_children(cfg, parent.run_id, tracking.STEP_TAG) if resume else {}
-        step = Steps(parent.run_id, done, console)
+        step = Steps(parent.run_id, done)
         results = method_steps(cfg, step)
-        rows = result_rows(results, setting1_metrics(cfg, console), cfg.pipeline.compare_to)
+        rows = result_rows(results, setting1_metrics(cfg), cfg.pipeline.compare_to)
         table = results_table(rows)
         parent.log_metrics({key: value for _, key, value in rows if value is not None}, step=0)
-        parent.log_text(markdown(table), "results.md")
+        parent.log_text(reporting.markdown(table), "results.md")
         if ablation:
             ablation_table = run_ablation(cfg, step, parent, results)
-    console.print(table)
+    out.print(table)
     if ablation:
-        console.print(ablation_table)
-    console.print(f"pipeline finished in {time.time() - started:.0f} s, parent run {parent.run_id}")
+        out.print(ablation_table)
+    out.print(f"pipeline finished in {time.time() - started:.0f} s, parent run {parent.run_id}")
     return results
 
 
@@ -167,21 +158,9 @@ def result_rows(results: dict[str, StageResult], setting1: dict[str, float] | No
 
 
 def results_table(rows: list[tuple[str, str, float | None]]) -> Table:
-    table = Table(title="MCIS on this dataset (mIoU unless named)", header_style="bold")
-    for column in ("stage", "metric", "value"):
-        table.add_column(column, justify="right" if column == "value" else "left")
-    for stage, key, value in rows:
-        table.add_row(stage, key, "-" if value is None else f"{value:.4f}")
-    return table
-
-
-def markdown(table: Table) -> str:
-    lines = ["| " + " | ".join(c.header for c in table.columns) + " |",
-             "|" + "---|" * len(table.columns)]
-    cells = [list(c.cells) for c in table.columns]
-    for row in zip(*cells, strict=True):
-        lines.append("| " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+    return reporting.table(("stage", "metric", "value"),
+                           ((stage, key, "-" if value is None else f"{value:.4f}") for stage, key, value in rows),
+                           title="MCIS on this dataset (mIoU unless named)", left=2)
 
 
 # ---- ablation -------------------------------------------------------------------------------
@@ -197,12 +176,12 @@ def ablation_variants(cfg: Config) -> list[Variant]:
     off = {"coattention": False, "contrastive": False, "self_pairs": False}
     return [
         Variant("cam", "plain CAM", cam_baseline(cfg)),
-        Variant("coatt", "+ co-attention", _with(cfg, classify={**off, "coattention": True},
-                                                 localize={"self_pairs": False})),
+        Variant("coatt", "+ co-attention", cfg.replace(classify={**off, "coattention": True},
+                                                    localize={"self_pairs": False})),
         Variant("contrast", "+ contrastive co-attention",
-                _with(cfg, classify={**off, "coattention": True, "contrastive": True},
-                      localize={"self_pairs": False})),
-        *(Variant(f"mcis_p{k}", f"+ self-pairs (MCIS), {k} partners", _with(cfg, localize={"partners": k}))
+                cfg.replace(classify={**off, "coattention": True, "contrastive": True},
+                            localize={"self_pairs": False})),
+        *(Variant(f"mcis_p{k}", f"+ self-pairs (MCIS), {k} partners", cfg.replace(localize={"partners": k}))
           for k in (1, 3, 5)),
     ]
 
@@ -214,7 +193,6 @@ def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker,
     A classifier is trained once per (classify section, seed): the partner-count variants share
     one, and the pipeline's own classify runs serve the variants they equal at the config's seed.
     """
-    from mcis_cli import plots
     from mcis_cli.stages import classify, localize, pseudolabel
 
     trained = {(cfg.classify.model_dump_json(), cfg.seed): results["classify"].run_id}
@@ -243,22 +221,20 @@ def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker,
         for what, values in scores[v.name].items():
             parent.log_metrics({f"ablation/{v.key}/{what}_miou_mean": float(np.mean(values)),
                                 f"ablation/{v.key}/{what}_miou_std": float(np.std(values))}, step=0)
-    parent.log_text(markdown(table), "ablation.md")
-    parent.log_figure(plots.ablation_chart(scores), "ablation.png")
+    parent.log_text(reporting.markdown(table), "ablation.md")
+    parent.log_figure(reporting.ablation_chart(scores), "ablation.png")
     return table
 
 
 def ablation_table(scores: dict[str, dict[str, list[float]]], seeds: int) -> Table:
     """Mean ± std over seeds per variant, and each mean's difference to the first (plain CAM)."""
-    table = Table(title=f"Ablation: mIoU on the training images, mean ± std over {seeds} seeds",
-                  header_style="bold")
-    for column in ("variant", "maps", "maps vs CAM", "pseudo masks", "pseudo vs CAM"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
     first = next(iter(scores.values()))
+    rows = []
     for name, per in scores.items():
-        cells = []
+        cells = [name]
         for what in ("maps", "pseudo"):
             values = np.asarray(per[what])
             cells += [f"{values.mean():.4f} ± {values.std():.4f}", f"{values.mean() - np.mean(first[what]):+.4f}"]
-        table.add_row(name, *cells)
-    return table
+        rows.append(cells)
+    return reporting.table(("variant", "maps", "maps vs CAM", "pseudo masks", "pseudo vs CAM"), rows,
+                           title=f"Ablation: mIoU on the training images, mean ± std over {seeds} seeds")

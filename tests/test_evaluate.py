@@ -17,8 +17,8 @@ from mcis_cli.cli import app
 from mcis_cli.config import load_config
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
-from mcis_cli.inference import predict_probs
 from mcis_cli.stages import evaluate
+from mcis_cli.tta import predict_probs
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("red", "green", "blue")
@@ -83,7 +83,7 @@ def test_results_table_puts_published_figures_beside_ours_with_their_source():
     result = {key: {"background": 0.9, "aeroplane": float("nan")} for key in ("iou", "precision", "recall")}
     summary = {"miou": 0.612, "miou_nocrf": 0.598}
     text = evaluate.results_markdown("t", "measured so", summary, result, [], references=True)
-    assert "| this run | | 61.2 | measured |" in text
+    assert "| this run |  | 61.2 | measured |" in text
     assert "| MCIS | ResNet-101 LargeFOV | 66.2 | verified: MCIS README |" in text
     assert "| MCIS | VGG16 LargeFOV | 63.5 | recalled, not verified |" in text
     assert "| aeroplane | - | - | - |" in text and "| miou_nocrf | 0.5980 |" in text
@@ -93,26 +93,26 @@ def test_results_table_puts_published_figures_beside_ours_with_their_source():
 def test_results_table_title_is_one_line(monkeypatch):
     from rich.console import Console
 
-    monkeypatch.setattr(evaluate, "console", Console(width=80, record=True))
+    monkeypatch.setattr(evaluate, "out", Console(width=80, record=True))
     title = f"segment run {'0123456789abcdef' * 2} on val + CRF"
     result = {k: {"background": 0.9, "a": 0.5} for k in ("iou", "precision", "recall")}
     evaluate._print_table(title, {"miou": 0.7}, result)
-    assert evaluate.console.export_text().splitlines()[0] == title
+    assert evaluate.out.export_text().splitlines()[0] == title
 
 
 def test_figures_render(tmp_path):
-    from mcis_cli import plots
+    from mcis_cli import reporting
 
     labels = _blocks(30, 45).astype(np.uint8)
     rows = [(COLOURS[labels], labels, labels), (COLOURS[labels[:20]], labels[:20], labels[:20])]
-    grid = plots.overlay_grid(rows, height=40, gap=2)
+    grid = reporting.overlay_grid(rows, height=40, gap=2)
     assert grid.shape == (40 + 2 + 40, 3 * 90 + 2 * 2, 3) and grid.dtype == np.uint8  # widest tile
     truth_tile = grid[:40, 92 + 15:92 + 15 + 60].reshape(-1, 3)  # 60 px wide, centred in its column
-    assert {tuple(c) for c in truth_tile} == {tuple(c) for c in plots.colorize(np.unique(labels))}
+    assert {tuple(c) for c in truth_tile} == {tuple(c) for c in reporting.colorize(np.unique(labels))}
     assert (grid[:40, 92:92 + 15] == 255).all()  # the narrower row's padding
     names = ["background", "red", "green", "blue"]
     full = _blocks().astype(np.uint8)  # all 4 classes; the prediction leaves class 3 unlabelled
-    overlays = plots.overlay_figure([(COLOURS[full], full, np.where(full == 3, 255, full))],
+    overlays = reporting.overlay_figure([(COLOURS[full], full, np.where(full == 3, 255, full))],
                                     names, height=40, gap=2)
     texts = [t.get_text() for t in overlays.axes[0].texts]
     assert texts == ["image", "ground truth", "prediction"]
@@ -121,13 +121,13 @@ def test_figures_render(tmp_path):
     width, height = Image.open(tmp_path / "overlays.png").size
     assert width == 3 * 60 + 2 * 2  # the grid at its own size
     assert height > 40 + 5 * 15  # + the titles and a legend of 5 entries in one column
-    chart = plots.ablation_chart({"CAM": {"maps": [0.3, 0.32], "pseudo": [0.4, 0.5]},
+    chart = reporting.ablation_chart({"CAM": {"maps": [0.3, 0.32], "pseudo": [0.4, 0.5]},
                                   "MCIS": {"maps": [0.41, 0.4], "pseudo": [0.5, 0.6]}})
     assert [len(ax.patches) for ax in chart.axes] == [2, 2]  # a panel per metric, a bar per variant
     cm = np.array([[5, 1, 0], [0, 0, 0], [2, 0, 3]])
-    for figure in (chart, plots.confusion_figure(cm, ["a", "b", "c"]),
-                   plots.iou_figure({"a": 0.5, "b": float("nan")}, 0.5),
-                   plots.sweep_figure([0.1, 0.2], [0.3, 0.4], 0.2)):
+    for figure in (chart, reporting.confusion_figure(cm, ["a", "b", "c"]),
+                   reporting.iou_figure({"a": 0.5, "b": float("nan")}, 0.5),
+                   reporting.sweep_figure([0.1, 0.2], {"mIoU": [0.3, 0.4]}, "threshold", 0.2)):
         figure.savefig(tmp_path / "f.png")
         assert (tmp_path / "f.png").stat().st_size > 1000
 
@@ -246,7 +246,7 @@ def test_pseudo_masks_are_scored_over_labelled_pixels(root, store):
 def test_localization_maps_get_a_threshold_sweep(root, store):
     """Maps are 0.5..0.8 on their object and 0..0.3 elsewhere: every background threshold in
     [0.3, 0.5) is perfect and the sweep must find the first of them, 0.3."""
-    from mcis_cli.stages.localize import save_maps
+    from mcis_cli.artifacts import save_maps
 
     cfg = _config(root, store, **{"evaluate.bg_sweep": [round(0.05 * i, 2) for i in range(1, 13)]})
     rng = np.random.default_rng(2)

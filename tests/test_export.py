@@ -13,13 +13,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from mcis_cli import __version__, runtime, tracking
+from mcis_cli import __version__, artifacts, predict, runtime, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import load_config
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
 from mcis_cli.models.deeplab import DeepLabLargeFOV
-from mcis_cli.stages import export, predict, segment
+from mcis_cli.stages import export
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["background", "circle", "square", "star"]
@@ -48,7 +48,7 @@ def segment_run(cfg, model: torch.nn.Module, names: list[str] = CLASSES,
                 val_miou: float | None = None) -> str:
     """A finished segment run holding `model` as segment.run writes it."""
     with tracking.stage_run(cfg, "segment") as tracker:
-        path = tracking.workdir(cfg, tracker.run_id) / segment.MODEL
+        path = tracking.workdir(cfg, tracker.run_id) / artifacts.MODEL
         runtime.save_checkpoint(path, {
             "state_dict": model.state_dict(), "arch": "vgg16", "num_classes": len(names),
             "width": 0.125, "class_names": names,
@@ -120,9 +120,9 @@ def test_registered_version_is_tagged_and_served(exported, tmp_path):
     rng = np.random.default_rng(0)
     image = np.kron(rng.integers(0, 256, (6, 7, 3)), np.ones((8, 8, 1))).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "x.png")
-    summary = predict.run(uri, [str(tmp_path / "x.png")], tmp_path / "registry")
+    summary = predict.predict_files(uri, [str(tmp_path / "x.png")], tmp_path / "registry")
     assert str(summary).startswith("1 image ->")
-    predict.run(result.outputs["onnx"], [str(tmp_path / "x.png")], tmp_path / "file")
+    predict.predict_files(result.outputs["onnx"], [str(tmp_path / "x.png")], tmp_path / "file")
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "registry" / "x.png")),
                                   np.asarray(Image.open(tmp_path / "file" / "x.png")))
 
@@ -141,7 +141,7 @@ def test_dynamic_int8_is_a_checked_model_with_the_metadata(exported, tmp_path):
 
 def test_unknown_registry_version_is_one_line(store, tmp_path):
     with pytest.raises(McisError, match="not found in the registry"):
-        predict.run("models:/mcis-deeplab/99", [str(tmp_path)], tmp_path / "out")
+        predict.predict_files("models:/mcis-deeplab/99", [str(tmp_path)], tmp_path / "out")
 
 
 def test_source_miou_prefers_the_latest_evaluate_run(store):
@@ -184,8 +184,8 @@ class _Noisy(torch.nn.Module):
 def test_beyond_tolerance_fails_and_writes_nothing(store, tmp_path, monkeypatch):
     cfg = _config(store, "export.tolerance=0.0")
     source = segment_run(cfg, spread_model())
-    model, meta = segment.load_segmenter(tracking.resolve_run(cfg, "segment", source).fetch(segment.MODEL))
-    monkeypatch.setattr(export.segment, "load_segmenter", lambda path: (_Noisy(model).eval(), meta))
+    model, meta = artifacts.load_segmenter(tracking.resolve_run(cfg, "segment", source).fetch(artifacts.MODEL))
+    monkeypatch.setattr(artifacts, "load_segmenter", lambda path: (_Noisy(model).eval(), meta))
     out = tmp_path / "served.onnx"
     out.write_bytes(b"the model being served")
     with pytest.raises(McisError, match="disagree.*no model written"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mcis_cli import runtime, tracking
+from mcis_cli import artifacts, runtime, tracking
 from mcis_cli.config import load_config
 from mcis_cli.data import voc
 from mcis_cli.errors import McisError
@@ -112,9 +112,9 @@ def test_same_inputs_give_identical_maps(model_and_samples, tmp_path):
     first, second = _maps(model, samples, batch_size=4), _maps(model, samples, batch_size=4)
     for image_id, maps in first.items():
         np.testing.assert_array_equal(maps, second[image_id])
-        localize.save_maps(tmp_path / "a" / f"{image_id}.npz", maps, (0,) * len(maps))
-        localize.save_maps(tmp_path / "b" / f"{image_id}.npz", second[image_id], (0,) * len(maps))
-        a, b = localize.load_maps(tmp_path / "a" / f"{image_id}.npz"), localize.load_maps(tmp_path / "b" / f"{image_id}.npz")
+        artifacts.save_maps(tmp_path / "a" / f"{image_id}.npz", maps, (0,) * len(maps))
+        artifacts.save_maps(tmp_path / "b" / f"{image_id}.npz", second[image_id], (0,) * len(maps))
+        a, b = artifacts.load_maps(tmp_path / "a" / f"{image_id}.npz"), artifacts.load_maps(tmp_path / "b" / f"{image_id}.npz")
         np.testing.assert_array_equal(a[0], b[0])
 
 
@@ -127,8 +127,8 @@ def test_cam_method_gives_max_normalised_maps(model_and_samples):
 # ---- files -----------------------------------------------------------------------------------
 def test_save_maps_round_trip(tmp_path):
     maps = np.random.default_rng(0).random((2, 5, 7)).astype(np.float32)
-    localize.save_maps(tmp_path / "x.npz", maps, [3, 1])
-    loaded, classes = localize.load_maps(tmp_path / "x.npz")
+    artifacts.save_maps(tmp_path / "x.npz", maps, [3, 1])
+    loaded, classes = artifacts.load_maps(tmp_path / "x.npz")
     assert loaded.dtype == np.float16 and classes.tolist() == [3, 1]
     assert np.abs(loaded - maps).max() < 1e-3
 
@@ -140,7 +140,7 @@ def test_a_kill_mid_write_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez_compressed", torn)
     with pytest.raises(KeyboardInterrupt):
-        localize.save_maps(tmp_path / "maps" / "a.npz", np.zeros((1, 4, 4), np.float32), [0])
+        artifacts.save_maps(tmp_path / "maps" / "a.npz", np.zeros((1, 4, 4), np.float32), [0])
     assert list((tmp_path / "maps").iterdir()) == []
 
 
@@ -203,8 +203,8 @@ def test_stage_writes_maps_reports_quality_and_completes_a_killed_run(stage_cfg,
     assert again.run_id != killed
     other = tracking.resolve_run(stage_cfg, "localize", again.run_id).fetch("maps")
     for sample in samples[:5]:
-        np.testing.assert_array_equal(localize.load_maps(maps_dir / f"{sample.id}.npz")[0],
-                                      localize.load_maps(other / f"{sample.id}.npz")[0])
+        np.testing.assert_array_equal(artifacts.load_maps(maps_dir / f"{sample.id}.npz")[0],
+                                      artifacts.load_maps(other / f"{sample.id}.npz")[0])
 
 
 def test_stage_refuses_mcis_maps_from_a_cam_checkpoint(stage_cfg, toy_root, tmp_path):

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from mcis_cli import serving
+from mcis_cli import predict, serving
 from mcis_cli.cli import app
 from mcis_cli.data import transforms
 from mcis_cli.errors import McisError
-from mcis_cli.stages import export, predict
+from mcis_cli.stages import export
 from tests.test_export import CLASSES, spread_model
 
 
@@ -50,7 +50,7 @@ def images(tmp_path):
 
 def test_masks_equal_torch_on_training_preprocessing(model_file, images, tmp_path):
     model, path = model_file
-    result = predict.run(path, [str(images)], tmp_path / "out", provider="cpu")
+    result = predict.predict_files(path, [str(images)], tmp_path / "out", provider="cpu")
     assert str(result).startswith("3 images") and "CPUExecutionProvider" in str(result)
     assert result.written == 3 and not result.failed
     for stem in ("a", "b", "c"):
@@ -113,16 +113,16 @@ def test_metadata_is_all_a_consumer_needs(model_file):
 
 def test_bad_model_inputs(model_file, tmp_path, images):
     with pytest.raises(McisError, match="model not found"):
-        predict.run(tmp_path / "missing.onnx", [str(images)], tmp_path / "out")
+        predict.predict_files(tmp_path / "missing.onnx", [str(images)], tmp_path / "out")
     text = tmp_path / "fake.onnx"
     text.write_text("this is not a protobuf")
     with pytest.raises(McisError, match="not a valid ONNX model"):
-        predict.run(text, [str(images)], tmp_path / "out")
+        predict.predict_files(text, [str(images)], tmp_path / "out")
     bare = onnx.load(model_file[1])
     del bare.metadata_props[:]
     onnx.save(bare, tmp_path / "bare.onnx")
     with pytest.raises(McisError, match="lacks the mcis metadata"):
-        predict.run(tmp_path / "bare.onnx", [str(images)], tmp_path / "out")
+        predict.predict_files(tmp_path / "bare.onnx", [str(images)], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -131,25 +131,25 @@ def test_bad_image_inputs(model_file, tmp_path, images):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(McisError, match="no images found"):
-        predict.run(path, [str(empty)], tmp_path / "out")
+        predict.predict_files(path, [str(empty)], tmp_path / "out")
     with pytest.raises(McisError, match="no images found"):
-        predict.run(path, [str(tmp_path / "nothing-*.jpg")], tmp_path / "out")
+        predict.predict_files(path, [str(tmp_path / "nothing-*.jpg")], tmp_path / "out")
     broken = tmp_path / "broken.jpg"
     broken.write_text("not a jpeg")
     with pytest.raises(McisError, match=r"broken\.jpg: corrupt or unreadable image"):
-        predict.run(path, [str(broken)], tmp_path / "out")
+        predict.predict_files(path, [str(broken)], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing to segment: nothing written
     twin = tmp_path / "a.jpg"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(twin)
     with pytest.raises(McisError, match="would both write a.png"):
-        predict.run(path, [str(images), str(twin)], tmp_path / "out")
+        predict.predict_files(path, [str(images), str(twin)], tmp_path / "out")
 
 
 def test_serving_path_never_imports_torch(model_file, images, tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        from mcis_cli.stages import predict
-        print(predict.run({str(model_file[1])!r}, [{str(images)!r}], {str(tmp_path / "out")!r}))
+        from mcis_cli import predict
+        print(predict.predict_files({str(model_file[1])!r}, [{str(images)!r}], {str(tmp_path / "out")!r}))
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         assert not loaded, loaded
     """)

@@ -10,12 +10,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mcis_cli import tracking
+from mcis_cli import artifacts, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import PseudolabelCfg, load_config
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
-from mcis_cli.stages import localize
 from mcis_cli.stages import pseudolabel as pl
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
@@ -167,7 +166,7 @@ def test_classify_localize_pseudolabel_cli(toy_root: Path, tmp_path, monkeypatch
     assert pseudo_run.tags[tracking.SOURCE_TAG] == maps_run.run_id
     maps_dir, pseudo_dir = maps_run.fetch("maps"), pseudo_run.fetch("pseudo")
     for sample in samples:
-        maps, classes = localize.load_maps(maps_dir / f"{sample.id}.npz")
+        maps, classes = artifacts.load_maps(maps_dir / f"{sample.id}.npz")
         image = transforms.load_image(sample.image)
         assert maps.dtype == np.float16 and maps.shape == (len(sample.labels), *image.shape[:2])
         assert list(classes) == list(sample.labels) and maps.min() >= 0 and maps.max() <= 1
@@ -195,7 +194,7 @@ def test_written_masks_do_not_depend_on_ground_truth(toy_root: Path, tmp_path):
     samples = voc.train_samples(load_config(CONFIG, [f"data.root={toy_root}"]).data)[:4]
     for sample in samples:
         h, w = transforms.load_image(sample.image).shape[:2]
-        localize.save_maps(maps_dir / f"{sample.id}.npz",
+        artifacts.save_maps(maps_dir / f"{sample.id}.npz",
                            rng.random((len(sample.labels), h, w)).astype(np.float32), sample.labels)
     k = len(voc.class_names(toy_root)) + 1
     outcomes = {}

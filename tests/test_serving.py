@@ -24,9 +24,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from mcis_cli import serving, tracking
+from mcis_cli import predict, serving, tracking
 from mcis_cli.data import voc
-from mcis_cli.stages import export, predict
+from mcis_cli.stages import export
 from tests import servers
 from tests.test_export import _config, segment_run, spread_model
 
@@ -106,7 +106,7 @@ def test_served_masks_equal_predicts(server, registered, toy_root, tmp_path):
     images = sorted((toy_root / "JPEGImages").glob("val_*.jpg"))[:2]
     status, body = post(url, images_payload(*(p.read_bytes() for p in images), scores=True))
     assert status == 200, body
-    predict.run(registered[0], [str(p) for p in images], tmp_path / "pred", provider="cpu")
+    predict.predict_files(registered[0], [str(p) for p in images], tmp_path / "pred", provider="cpu")
     k = len(serving.read_metadata(registered[1])["class_names"])
     for path, row in zip(images, body["predictions"], strict=True):
         expected = np.asarray(Image.open(tmp_path / "pred" / f"{path.stem}.png"))

@@ -13,7 +13,6 @@ mix up train pseudo-label mIoU with val segmentation mIoU all the time (anchors 
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,20 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
-from mcis_cli import metrics, plots, runtime, tracking
+from mcis_cli import artifacts, metrics, reporting, runtime, tracking
+from mcis_cli.artifacts import load_maps, map_file, mask_file
 from mcis_cli.config import Config
 from mcis_cli.crf import crf_map
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
-from mcis_cli.inference import predict_probs
-from mcis_cli.progress import work_progress
+from mcis_cli.files import atomic_path
+from mcis_cli.progress import out, work_progress
 from mcis_cli.stages import StageResult
+from mcis_cli.tta import predict_probs
 
 STAGES = ("segment", "pseudolabel", "localize")
-CHECKPOINT = "checkpoints/model.pt"
 # VOC 2012 val mIoU (%) of MCIS and the baselines it compares with, and how sure we are of each
 # (shared/reference/mcis_method.md §6).
 REFERENCES = (
@@ -43,8 +41,6 @@ REFERENCES = (
     ("PSA", "VGG16", 58.4, "recalled, not verified"),
     ("OAA+", "VGG16 LargeFOV", 63.1, "recalled, not verified"),
 )
-
-console = Console()
 
 
 @dataclass
@@ -140,10 +136,7 @@ def _score_segment(cfg: Config, model, meta: dict, samples, names, shown, masks_
 
 def _score_pseudo(cfg: Config, folder: Path, samples, names, shown, masks_dir) -> Scored:
     root = cfg.data.root
-    items = (
-        (s, voc.load_mask(root, s.id), transforms.read_index_png(folder / f"{s.id}.png"))
-        for s in samples
-    )
+    items = ((s, voc.load_mask(root, s.id), transforms.read_index_png(mask_file(folder, s.id))) for s in samples)
     cm, overlays, ignored = _tally(items, len(samples), len(names), shown, masks_dir, ignore_pred=True)
     note = ("Pseudo masks scored over the pixels they label: 255 (ignore) is left out, not "
             "counted as wrong; ignore_fraction is the share of pixels left unlabelled.")
@@ -152,14 +145,12 @@ def _score_pseudo(cfg: Config, folder: Path, samples, names, shown, masks_dir) -
 
 def _score_maps(cfg: Config, folder: Path, samples, names, shown, masks_dir) -> Scored:
     """Background-threshold sweep; overlays and masks come from a second pass at the best one."""
-    from mcis_cli.stages.localize import load_maps
-
     root, k, thresholds = cfg.data.root, len(names), cfg.evaluate.bg_sweep
     total = np.zeros((len(thresholds), k, k), np.int64)
     with work_progress() as bar:
         task = bar.add_task("sweep", total=len(samples))
         for sample in samples:
-            maps, classes = load_maps(folder / f"{sample.id}.npz")
+            maps, classes = load_maps(map_file(folder, sample.id))
             total += metrics.threshold_sweep(maps, classes, voc.load_mask(root, sample.id), thresholds, k)
             bar.advance(task)
     mious = [metrics.scores(cm, names)["miou"] for cm in total]
@@ -167,7 +158,7 @@ def _score_maps(cfg: Config, folder: Path, samples, names, shown, masks_dir) -> 
     threshold = thresholds[best]
 
     def at_best(sample):
-        maps, classes = load_maps(folder / f"{sample.id}.npz")
+        maps, classes = load_maps(map_file(folder, sample.id))
         return sample, voc.load_mask(root, sample.id), metrics.labels_from_maps(maps, classes, threshold)
 
     again = samples if masks_dir is not None else [s for s in samples if s.id in shown]
@@ -199,43 +190,36 @@ def _pct(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def class_table(result: dict):
+    """IoU, precision and recall per class, in %."""
+    return reporting.table(("class", "IoU %", "precision %", "recall %"), (
+        (name, _pct(iou), _pct(result["precision"][name]), _pct(result["recall"][name]))
+        for name, iou in result["iou"].items()))
+
+
 def results_markdown(title: str, note: str, summary: dict[str, float], result: dict, curve,
                      references: bool) -> str:
-    lines = [f"# {title}", "", note, "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in summary.items()]
-    lines += ["", "| class | IoU % | precision % | recall % |", "|---|---|---|---|"]
-    for name, iou in result["iou"].items():
-        lines.append(f"| {name} | {_pct(iou)} | {_pct(result['precision'][name])} | "
-                     f"{_pct(result['recall'][name])} |")
+    parts = [f"# {title}\n\n{note}\n",
+             reporting.markdown(reporting.table(("metric", "value"), ((k, f"{v:.4f}") for k, v in summary.items()))),
+             reporting.markdown(class_table(result))]
     if curve:
-        lines += ["", "| background threshold | mIoU % |", "|---|---|"]
-        lines += [f"| {t:.2f} | {_pct(m)} |" for t, m in curve]
+        parts.append(reporting.markdown(reporting.table(("background threshold", "mIoU %"),
+                                                        ((f"{t:.2f}", _pct(m)) for t, m in curve))))
     if references:
-        lines += ["", "Published VOC 2012 val mIoU (MS + flip + CRF), for comparison:", "",
-                  "| method | segmentation network | val mIoU % | source |", "|---|---|---|---|",
-                  f"| this run | | {_pct(summary['miou'])} | measured |"]
-        lines += [f"| {m} | {net} | {v:.1f} | {src} |" for m, net, v, src in REFERENCES]
-    return "\n".join(lines) + "\n"
+        rows = [("this run", "", _pct(summary["miou"]), "measured")]
+        rows += [(m, net, f"{v:.1f}", src) for m, net, v, src in REFERENCES]
+        parts.append("Published VOC 2012 val mIoU (MS + flip + CRF), for comparison:\n\n" + reporting.markdown(
+            reporting.table(("method", "segmentation network", "val mIoU %", "source"), rows, left=2)))
+    return "\n".join(parts)
 
 
 def _print_table(title: str, summary: dict[str, float], result: dict) -> None:
-    table = Table(header_style="bold")
-    for column in ("class", "IoU %", "precision %", "recall %"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    for name, iou in result["iou"].items():
-        table.add_row(name, _pct(iou), _pct(result["precision"][name]), _pct(result["recall"][name]))
+    table = class_table(result)
     table.add_section()
     for key, value in summary.items():
         table.add_row(key, f"{value:.4f}", "", "")
-    console.print(title, style="bold", highlight=False, soft_wrap=True)  # a rich title would wrap to the table
-    console.print(table)
-
-
-def _write_confusion_csv(path: Path, cm: np.ndarray, names: Sequence[str]) -> None:
-    with runtime.atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["gt \\ pred", *names])
-        writer.writerows([name, *row] for name, row in zip(names, cm.tolist(), strict=True))
+    out.print(title, style="bold", highlight=False, soft_wrap=True)  # a rich title would wrap to the table
+    out.print(table)
 
 
 def _json_safe(result: dict) -> dict:
@@ -248,16 +232,14 @@ def _inputs(cfg: Config, source: tracking.SourceRun, samples, names) -> tuple:
     """What the scorer of the source's stage reads: the model and its metadata, or the folder
     of pseudo masks / maps, which must hold a file for every image of the split."""
     if source.stage == "segment":
-        from mcis_cli.stages.segment import load_segmenter
-
-        model, meta = load_segmenter(source.fetch(CHECKPOINT))
+        model, meta = artifacts.load_segmenter(source.fetch(artifacts.MODEL))
         if list(meta.get("class_names", names)) != names:
             raise McisError(f"run {source.run_id} was trained on classes {meta['class_names']} but "
                             f"{cfg.data.root} has {names}; evaluate it on its own dataset")
         return model, meta
-    artifact, suffix = ("pseudo", ".png") if source.stage == "pseudolabel" else ("maps", ".npz")
+    artifact, file = (artifacts.PSEUDO, mask_file) if source.stage == "pseudolabel" else (artifacts.MAPS, map_file)
     folder = source.fetch(artifact)
-    _require((folder / f"{s.id}{suffix}" for s in samples), f"{artifact} file in run {source.run_id}",
+    _require((file(folder, s.id) for s in samples), f"{artifact} file in run {source.run_id}",
              f"score the split it covered (--split {cfg.data.train_list})")
     return (folder,)
 
@@ -282,8 +264,8 @@ def run(cfg: Config, from_run: str | None = None, split: str | None = None,
 
     with tracking.stage_run(cfg, "evaluate", source=source, parent=parent) as tracker:
         tracker.set_tags({"mcis.scored_stage": stage, "mcis.split": split, "mcis.crf": str(crf).lower()})
-        out = tracking.workdir(cfg, tracker.run_id)
-        masks_dir = out / "masks" if cfg.evaluate.save_masks else None
+        folder = tracking.workdir(cfg, tracker.run_id)
+        masks_dir = folder / "masks" if cfg.evaluate.save_masks else None
         shown = overlay_ids(samples, cfg.evaluate.overlays)
         scored = scorer(cfg, *inputs, samples, names, shown, masks_dir)
 
@@ -298,20 +280,21 @@ def run(cfg: Config, from_run: str | None = None, split: str | None = None,
             tracker.log_metrics({"sweep/miou": miou}, step=round(threshold * 100))
 
         title = f"{stage} run {source.run_id} on {split}" + (" + CRF" if crf else "")
-        _write_confusion_csv(out / "confusion.csv", scored.cm, names)
-        tracker.log_artifact(out / "confusion.csv")
+        with atomic_path(folder / "confusion.csv") as tmp:
+            tmp.write_text(reporting.confusion_csv(scored.cm, names))
+        tracker.log_artifact(folder / "confusion.csv")
         tracker.log_dict(_json_safe(result), "scores.json")
-        tracker.log_figure(plots.confusion_figure(scored.cm, names), "plots/confusion.png")
-        tracker.log_figure(plots.iou_figure(result["iou"], result["miou"]), "plots/iou.png")
+        tracker.log_figure(reporting.confusion_figure(scored.cm, names), "plots/confusion.png")
+        tracker.log_figure(reporting.iou_figure(result["iou"], result["miou"]), "plots/iou.png")
         if scored.curve:
             thresholds, mious = zip(*scored.curve, strict=True)
-            tracker.log_figure(plots.sweep_figure(thresholds, mious, summary["best_threshold"]),
-                               "plots/sweep.png")
+            tracker.log_figure(reporting.sweep_figure(thresholds, {"mIoU": mious}, "background threshold",
+                                                      summary["best_threshold"]), "plots/sweep.png")
         if scored.overlays:
-            tracker.log_figure(plots.overlay_figure(scored.overlays, names), "plots/overlays.png")
+            tracker.log_figure(reporting.overlay_figure(scored.overlays, names), "plots/overlays.png")
         on_voc = stage == "segment" and tuple(names[1:]) == voc.VOC_CLASSES
-        report = out / "results.md"
-        with runtime.atomic_path(report) as tmp:
+        report = folder / "results.md"
+        with atomic_path(report) as tmp:
             tmp.write_text(results_markdown(title, scored.note, summary, result, scored.curve, on_voc))
         tracker.log_artifact(report)
         outputs = {"results": str(report)}

@@ -29,14 +29,14 @@ from PIL import Image
 from torch import nn
 from torch.export import Dim
 
-from mcis_cli import __version__, metrics, tracking
+from mcis_cli import __version__, artifacts, metrics, tracking
 from mcis_cli.config import Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
 from mcis_cli.files import exclusive_file
 from mcis_cli.progress import console
 from mcis_cli.serving import JSON_KEYS, infer, open_session, preprocess, read_metadata
-from mcis_cli.stages import StageResult, segment
+from mcis_cli.stages import StageResult
 
 CALIBRATION_IMAGES = 16  # training images that set the int8 activation ranges (static mode)
 
@@ -263,7 +263,7 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
     if source.role == tracking.CEILING and not ceiling:
         raise McisError(f"segment run {source.run_id} is the fully supervised ceiling (trained on "
                         "ground-truth masks), not the method; pass --ceiling to export it on purpose")
-    model, meta = segment.load_segmenter(source.fetch(segment.MODEL))
+    model, meta = artifacts.load_segmenter(source.fetch(artifacts.MODEL))
     calibration = [s.image for s in voc.train_samples(cfg.data)[:CALIBRATION_IMAGES]] \
         if ex.quantize == "static" else []
     lock = exclusive_file(out, "--out file") if out else nullcontext()  # the default is the run's own

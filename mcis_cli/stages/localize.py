@@ -31,17 +31,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcis_cli import metrics, runtime, tracking
+from mcis_cli import artifacts, metrics, reporting, runtime, tracking
+from mcis_cli.artifacts import load_maps, map_file, save_maps, save_previews
 from mcis_cli.config import Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.data.pairs import PairSampler
 from mcis_cli.errors import McisError
-from mcis_cli.models.mcis import MCISNet
+from mcis_cli.files import exclusive
+from mcis_cli.models.mcis import VIEW_SCALES, MCISNet
 from mcis_cli.progress import work_progress
 from mcis_cli.stages import StageResult
 
-CHECKPOINT = "checkpoints/model.pt"
-VIEW_SCALES = (0.75, 2.0)  # the resized self-pair views of the official test.py
 RESUME_TAG = "mcis.localize_key"
 OVERLAYS = 8
 
@@ -266,42 +266,6 @@ def compute_maps(model: MCISNet, items: Sequence[Item], samples: Sequence[voc.Sa
             yield item, to_image_size(maps, image.shape[:2])
 
 
-# ---- files -----------------------------------------------------------------------------------
-def save_maps(path: Path, maps: np.ndarray, classes: Sequence[int]) -> None:
-    """maps/<id>.npz with `maps` float16 (n, H, W) and `classes` (0-based), written atomically."""
-    with runtime.atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, maps=maps.astype(np.float16), classes=np.asarray(classes, np.int64))
-
-
-def load_maps(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as data:
-        return data["maps"], data["classes"]
-
-
-def save_previews(folder: Path, image_id: str, maps: np.ndarray, classes: Sequence[int]) -> None:
-    """The official format: one uint8 PNG per class, `<id>_<c>.png`."""
-    from PIL import Image
-
-    for plane, c in zip(maps, classes, strict=True):
-        with runtime.atomic_path(folder / f"{image_id}_{c}.png") as tmp:
-            Image.fromarray(np.uint8(np.round(plane.astype(np.float32) * 255))).save(tmp, format="PNG")
-
-
-def heat_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """The image blended with a jet colouring of a [0, 1] map."""
-    from matplotlib import colormaps
-
-    colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
-    return np.uint8(0.5 * image + 0.5 * colour)
-
-
-def overlay_grid(rows: Sequence[Sequence[np.ndarray]], size: int = 96) -> np.ndarray:
-    """Rows of same-count RGB panels, each resized to size x size, tiled into one image."""
-    return np.concatenate([
-        np.concatenate([transforms.resize(p, (size, size)) for p in row], axis=1) for row in rows
-    ], axis=0)
-
-
 # ---- quality (evaluation only: reads ground-truth masks into a separate report) ---------------
 def maps_quality(samples: Sequence[voc.Sample], maps_dir: Path, root: str,
                  class_names: Sequence[str], thresholds: Sequence[float]) -> dict | None:
@@ -312,7 +276,7 @@ def maps_quality(samples: Sequence[voc.Sample], maps_dir: Path, root: str,
     for sample in samples:
         if not voc.mask_path(root, sample.id).is_file():
             continue
-        maps, classes = load_maps(maps_dir / f"{sample.id}.npz")
+        maps, classes = load_maps(map_file(maps_dir, sample.id))
         cms = metrics.threshold_sweep(maps, classes, voc.load_mask(root, sample.id),
                                       thresholds, len(names))
         total = cms if total is None else total + cms
@@ -324,14 +288,6 @@ def maps_quality(samples: Sequence[voc.Sample], maps_dir: Path, root: str,
 
 
 # ---- the stage -------------------------------------------------------------------------------
-def load_model(source: tracking.SourceRun, device: torch.device) -> tuple[MCISNet, dict]:
-    ckpt = runtime.load_checkpoint(source.fetch(CHECKPOINT))
-    model = MCISNet.from_checkpoint(ckpt).to(device).eval()
-    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
-    meta.setdefault("input_size", source.config().classify.input_size)
-    return model, meta
-
-
 def _key(cfg: Config, source_id: str) -> str:
     """What makes two localize runs produce the same files: the input run and this config."""
     text = "|".join([source_id, cfg.data.model_dump_json(), cfg.localize.model_dump_json(), str(cfg.seed)])
@@ -340,17 +296,8 @@ def _key(cfg: Config, source_id: str) -> str:
 
 def _interrupted(cfg: Config, key: str) -> str | None:
     """An unfinished localize run with the same key, whose files a new start can complete."""
-    mlc = tracking.client(cfg)
-    experiment = mlc.get_experiment_by_name(tracking.experiment_name(cfg))
-    if experiment is None:
-        return None
-    runs = mlc.search_runs(
-        [experiment.experiment_id],
-        f"tags.`{tracking.STAGE_TAG}` = 'localize' and tags.`{RESUME_TAG}` = '{key}' "
-        "and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+    runs = tracking.find_runs(cfg, "localize", finished=False, **{RESUME_TAG: key})
+    return runs[0].run_id if runs else None
 
 
 def _check(cfg: Config, meta: dict | None = None, names: Sequence[str] = ()) -> None:
@@ -374,7 +321,7 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
     runtime.seed_everything(cfg.seed)
     device = runtime.select_device(cfg.device)
     source = tracking.resolve_run(cfg, "classify", from_run)
-    model, meta = load_model(source, device)
+    model, meta = artifacts.load_classifier(source, device)
     names = voc.class_names(cfg.data.root)
     _check(cfg, meta, names)
     samples = voc.train_samples(cfg.data)
@@ -385,16 +332,16 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
 
     with ExitStack() as stack:
         if resume:  # lock first: a run that another process is still writing is never reopened
-            stack.enter_context(runtime.exclusive(tracking.workdir(cfg, resume), "localize run"))
+            stack.enter_context(exclusive(tracking.workdir(cfg, resume), "localize run"))
         tracker = stack.enter_context(
             tracking.stage_run(cfg, "localize", source=source, parent=parent, resume=resume))
         out = tracking.workdir(cfg, tracker.run_id)
         if not resume:
-            stack.enter_context(runtime.exclusive(out, "localize run"))
+            stack.enter_context(exclusive(out, "localize run"))
         tracker.set_tags({RESUME_TAG: key})
-        maps_dir, previews_dir = out / "maps", out / "maps_png"
+        maps_dir, previews_dir = out / artifacts.MAPS, out / artifacts.MAP_PREVIEWS
         items = plan(samples, lcfg.partners if lcfg.method == "mcis" else 0, cfg.seed)
-        todo = [item for item in items if not (maps_dir / f"{item.sample.id}.npz").is_file()]
+        todo = [item for item in items if not map_file(maps_dir, item.sample.id).is_file()]
         cache = FeatureCache(model, samples, size, device, lcfg.cache_mb, lcfg.batch_size)
         planes = empty = 0
         with work_progress() as progress:
@@ -402,7 +349,7 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
             for item, maps in compute_maps(model, todo, samples, size, method=lcfg.method,
                                            self_pairs=lcfg.self_pairs, gate=lcfg.gate,
                                            batch_size=lcfg.batch_size, cache=cache, device=device):
-                save_maps(maps_dir / f"{item.sample.id}.npz", maps, item.sample.labels)
+                save_maps(map_file(maps_dir, item.sample.id), maps, item.sample.labels)
                 if lcfg.previews:
                     save_previews(previews_dir, item.sample.id, maps, item.sample.labels)
                 planes += len(maps)
@@ -427,16 +374,16 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
             result.update(metrics.mlflow_metrics(best, prefix="maps/"))
             result["maps/best_threshold"] = quality["threshold"]
         tracker.log_metrics(result)
-        tracker.log_artifacts(maps_dir, "maps")
+        tracker.log_artifacts(maps_dir, artifacts.MAPS)
         if lcfg.previews:
-            tracker.log_artifacts(previews_dir, "maps_png")
+            tracker.log_artifacts(previews_dir, artifacts.MAP_PREVIEWS)
         rows = []
         for item in items[:OVERLAYS]:
             image = transforms.load_image(item.sample.image)
-            maps, _ = load_maps(maps_dir / f"{item.sample.id}.npz")
+            maps, _ = load_maps(map_file(maps_dir, item.sample.id))
             heat = maps.astype(np.float32).max(0) if len(maps) else np.zeros(image.shape[:2], np.float32)
-            rows.append([image, heat_overlay(image, heat)])
+            rows.append([image, reporting.heat_overlay(image, heat)])
         if rows:
-            tracker.log_image(overlay_grid(rows), "maps_overlays")
+            tracker.log_image(reporting.overlay_grid(rows), "maps_overlays")
     headline = {k: result[k] for k in ("maps/miou", "maps/best_threshold") if k in result}
-    return StageResult(tracker.run_id, headline or result, {"maps": str(maps_dir)})
+    return StageResult(tracker.run_id, headline or result, {artifacts.MAPS: str(maps_dir)})

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mcis_cli import metrics, saliency, tracking
+from mcis_cli import artifacts, metrics, reporting, saliency, tracking
+from mcis_cli.artifacts import load_maps, map_file, mask_file
 from mcis_cli.config import Config, PseudolabelCfg
 from mcis_cli.data import transforms, voc
+from mcis_cli.data.transforms import IGNORE
 from mcis_cli.errors import McisError
 from mcis_cli.progress import work_progress
 from mcis_cli.stages import StageResult
-from mcis_cli.stages.localize import heat_overlay, load_maps, overlay_grid
 
-IGNORE = 255
 OVERLAYS = 8
 
 
@@ -144,7 +144,7 @@ class Outcome:
 
 def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num_classes: int) -> Outcome:
     p = cfg.pseudolabel
-    path = maps_dir / f"{sample.id}.npz"
+    path = map_file(maps_dir, sample.id)
     if not path.is_file():
         raise McisError(f"the localize run has no map for {sample.id} ({path}); localize this dataset again")
     maps, classes = load_maps(path)
@@ -152,7 +152,7 @@ def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num
     image = transforms.load_image(sample.image) if p.background == "saliency" else None
     sal = load_saliency(cfg, sample, image) if image is not None else None
     labels = make_labels(maps, classes, sal, p)
-    transforms.save_palette_png(out_dir / f"{sample.id}.png", labels)
+    transforms.save_palette_png(mask_file(out_dir, sample.id), labels)
     sweep = [make_labels(maps, classes, sal, p, t) for t in p.sweep]
     outcome = Outcome(int((labels == IGNORE).sum()),
                       np.array([(s == IGNORE).sum() for s in sweep], np.int64), labels.size)
@@ -171,42 +171,18 @@ def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num
     return outcome
 
 
-# ---- reporting -------------------------------------------------------------------------------
-def _sweep_figure(thresholds: Sequence[float], mious: Sequence[float], ignore: Sequence[float], xlabel: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(thresholds, mious, "o-", label="mIoU (ignored pixels excluded)")
-    ax.plot(thresholds, ignore, "s--", label="ignored fraction")
-    ax.set_xlabel(xlabel)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _confusion_csv(cm: np.ndarray, names: Sequence[str]) -> str:
-    rows = [",".join(["truth\\pred", *names])]
-    rows += [",".join([name, *map(str, row)]) for name, row in zip(names, cm.tolist(), strict=True)]
-    return "\n".join(rows) + "\n"
-
-
 def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None = None) -> StageResult:
     p = cfg.pseudolabel
     if p.background == "saliency" and p.saliency == "folder" and not cfg.data.saliency_dir:
         raise McisError("pseudolabel.saliency=folder needs data.saliency_dir (a folder of <id>.png "
                         "saliency maps); set it, or use --set pseudolabel.saliency=computed")
     source = tracking.resolve_run(cfg, "localize", from_run)
-    maps_dir = source.fetch("maps")
+    maps_dir = source.fetch(artifacts.MAPS)
     samples = voc.train_samples(cfg.data)
     names = ["background", *voc.class_names(cfg.data.root)]
 
     with tracking.stage_run(cfg, "pseudolabel", source=source, parent=parent) as tracker:
-        out_dir = tracking.workdir(cfg, tracker.run_id) / "pseudo"
+        out_dir = tracking.workdir(cfg, tracker.run_id) / artifacts.PSEUDO
         total_cm = np.zeros((len(names), len(names)), np.int64)
         sweep_cm = np.zeros((len(p.sweep), len(names), len(names)), np.int64)
         ignored, sweep_ignored, pixels = 0, np.zeros(len(p.sweep), np.int64), 0
@@ -237,7 +213,7 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
                 values = [v for v in scores[name].values() if not np.isnan(v)]
                 if values:
                     result[f"pseudo/{name}"] = float(np.mean(values))
-            tracker.log_text(_confusion_csv(total_cm, names), "pseudo_confusion.csv")
+            tracker.log_text(reporting.confusion_csv(total_cm, names), "pseudo_confusion.csv")
         if sal_scores:
             result["saliency/fmeasure"] = float(np.mean([f for f, _ in sal_scores]))
             result["saliency/mae"] = float(np.mean([m for _, m in sal_scores]))
@@ -249,29 +225,27 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
                 if not np.isnan(m):  # NaN: no ground truth, or every pixel ignored
                     point["sweep/miou"] = m
                 tracker.log_metrics(point, step=step)
+            curves = {"mIoU (ignored pixels excluded)": miou_curve, "ignored share": ignore_curve}
             xlabel = "cam_threshold" if p.background == "cam" else "fg_thr"
-            tracker.log_figure(_sweep_figure(p.sweep, miou_curve, ignore_curve, xlabel), "pseudo_sweep.png")
+            tracker.log_figure(reporting.sweep_figure(p.sweep, curves, xlabel), "pseudo_sweep.png")
         tracker.log_metrics(result)
-        tracker.log_artifacts(out_dir, "pseudo")
+        tracker.log_artifacts(out_dir, artifacts.PSEUDO)
         tracker.log_image(_overlays(cfg, samples[:OVERLAYS], out_dir), "pseudo_overlays")
     headline = {k: result[k] for k in ("pseudo/miou", "pseudo/precision", "pseudo/recall", "pseudo/ignore_frac",
                                        "saliency/fmeasure") if k in result}
-    return StageResult(tracker.run_id, headline, {"pseudo": str(out_dir)})
+    return StageResult(tracker.run_id, headline, {artifacts.PSEUDO: str(out_dir)})
 
 
 def _overlays(cfg: Config, samples: Sequence[voc.Sample], out_dir: Path) -> np.ndarray:
     """image | background cue | pseudo mask | ground truth (when there is one), one row an image."""
-    palette = transforms.voc_palette()
     rows = []
     for sample in samples:
         image = transforms.load_image(sample.image)
-        labels = transforms.read_index_png(out_dir / f"{sample.id}.png")
         row = [image]
         if cfg.pseudolabel.background == "saliency":
-            row.append(heat_overlay(image, load_saliency(cfg, sample, image)))
-        row.append(palette[labels])
+            row.append(reporting.heat_overlay(image, load_saliency(cfg, sample, image)))
+        row.append(transforms.read_index_png(mask_file(out_dir, sample.id)))
         if voc.mask_path(cfg.data.root, sample.id).is_file():
-            row.append(palette[voc.load_mask(cfg.data.root, sample.id)])
+            row.append(voc.load_mask(cfg.data.root, sample.id))
         rows.append(row)
-    width = max(len(r) for r in rows)
-    return overlay_grid([r + [np.zeros_like(r[0])] * (width - len(r)) for r in rows])
+    return reporting.overlay_grid(rows)

@@ -21,8 +21,8 @@ from mcis_cli import runtime, tracking
 from mcis_cli.config import Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.models.deeplab import DeepLabLargeFOV
+from mcis_cli.serving import open_session, read_metadata
 from mcis_cli.stages import segment
-from mcis_cli.stages.predict import open_session, read_metadata
 from tests.reliability import procs
 from tests.reliability.test_inputs import tiny_model
 

@@ -22,12 +22,11 @@ from onnx import TensorProto, helper
 from PIL import Image
 from typer.testing import CliRunner
 
-from mcis_cli import tracking
+from mcis_cli import predict, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import Config
 from mcis_cli.data import synth, transforms, voc
 from mcis_cli.errors import McisError
-from mcis_cli.stages import predict
 from tests.reliability import procs
 
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from mcis_cli.artifacts import load_maps
 from mcis_cli.config import load_config
 from mcis_cli.data import synth, transforms
+from mcis_cli.serving import open_session, read_metadata
 from mcis_cli.stages import classify, localize, segment
-from mcis_cli.stages.localize import load_maps
-from mcis_cli.stages.predict import open_session, read_metadata
 from tests.reliability import procs
 
 pytestmark = pytest.mark.slow  # real processes, two to five per test: 20-60 s each

@@ -1,4 +1,4 @@
-"""Figures: confusion heat map, per-class IoU bars, overlay grid, sweep curve, ablation chart.
+"""Everything a run shows: figures, overlay grids, confusion CSVs, tables (rich and markdown).
 
 Figures are built with matplotlib's object API on the Agg canvas (no pyplot state, no display),
 so they can be made in any thread or headless job; `tracking.Tracker.log_figure` saves them.
@@ -6,13 +6,16 @@ so they can be made in any thread or headless job; `tracking.Tracker.log_figure`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import io
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
+from rich.table import Table
 
 from mcis_cli.data.transforms import voc_palette
 
@@ -60,15 +63,20 @@ def iou_figure(iou: dict[str, float], miou: float) -> Figure:
     return figure
 
 
-def sweep_figure(thresholds: Sequence[float], mious: Sequence[float], best: float) -> Figure:
-    """mIoU against the background threshold of localization maps."""
+def sweep_figure(thresholds: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str,
+                 best: float | None = None) -> Figure:
+    """Curves in % against a threshold (mIoU, ignored share, ...), the chosen threshold marked."""
     figure = _figure(5, 3.5)
     ax = figure.add_subplot()
-    ax.plot(thresholds, np.asarray(mious) * 100, marker="o")
-    ax.axvline(best, color="tab:red", linestyle="--", label=f"best {best:.2f}")
-    ax.set_xlabel("background threshold")
-    ax.set_ylabel("mIoU (%)")
-    ax.legend()
+    for (label, values), marker in zip(curves.items(), "os^v", strict=False):
+        ax.plot(thresholds, np.asarray(values, dtype=np.float64) * 100, marker=marker, label=label)
+    if best is not None:
+        ax.axvline(best, color="tab:red", linestyle="--", label=f"best {best:.2f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return figure
 
 
@@ -96,52 +104,88 @@ def colorize(mask: np.ndarray) -> np.ndarray:
     return voc_palette()[np.asarray(mask, dtype=np.uint8)]
 
 
-def overlay_grid(
-    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], height: int = 160, gap: int = 4
-) -> np.ndarray:
-    """One row per sample: image | ground truth | prediction, each scaled to `height` px and
-    centred in a column as wide as the widest tile, so the columns line up under their titles."""
-    tiles = []
-    for image, gt, pred in rows:
-        h, w = gt.shape
-        size = (max(1, round(w * height / h)), height)
-        tiles.append([
-            np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)),
-            np.asarray(Image.fromarray(colorize(gt)).resize(size, Image.Resampling.NEAREST)),
-            np.asarray(Image.fromarray(colorize(pred)).resize(size, Image.Resampling.NEAREST)),
-        ])
-    width = max(t[0].shape[1] for t in tiles)
-    grid = np.full((len(rows) * (height + gap) - gap, 3 * width + 2 * gap, 3), 255, np.uint8)
-    for row, strip in enumerate(tiles):
+def heat_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The image blended with a jet colouring of a [0, 1] map."""
+    from matplotlib import colormaps
+
+    colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
+    return np.uint8(0.5 * image + 0.5 * colour)
+
+
+def _tile(panel: np.ndarray, height: int) -> np.ndarray:
+    """An HxWx3 picture (bilinear) or an HxW index mask (VOC colours, nearest) at `height` px."""
+    h, w = panel.shape[:2]
+    size = (max(1, round(w * height / h)), height)
+    if panel.ndim == 2:
+        return np.asarray(Image.fromarray(colorize(panel)).resize(size, Image.Resampling.NEAREST))
+    return np.asarray(Image.fromarray(np.asarray(panel, np.uint8)).resize(size, Image.Resampling.BILINEAR))
+
+
+def overlay_grid(rows: Sequence[Sequence[np.ndarray]], height: int = 160, gap: int = 4) -> np.ndarray:
+    """One row per sample, e.g. image | ground truth | prediction: pictures and index masks, each
+    scaled to `height` px and centred in a column as wide as the widest tile, so the columns line
+    up under their titles; a row with fewer panels leaves its last columns white."""
+    tiles = [[_tile(panel, height) for panel in row] for row in rows]
+    width = max(t.shape[1] for row in tiles for t in row)
+    columns = max(len(row) for row in tiles)
+    grid = np.full((len(rows) * (height + gap) - gap, columns * width + (columns - 1) * gap, 3), 255, np.uint8)
+    for r, strip in enumerate(tiles):
         for column, tile in enumerate(strip):
             left = column * (width + gap) + (width - tile.shape[1]) // 2
-            grid[row * (height + gap):row * (height + gap) + height, left:left + tile.shape[1]] = tile
+            grid[r * (height + gap):r * (height + gap) + height, left:left + tile.shape[1]] = tile
     return grid
 
 
-COLUMNS = ("image", "ground truth", "prediction")
-
-
 def overlay_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                   class_names: Sequence[str], height: int = 160, gap: int = 4) -> Figure:
+                   class_names: Sequence[str], height: int = 160, gap: int = 4,
+                   columns: Sequence[str] = ("image", "ground truth", "prediction")) -> Figure:
     """`overlay_grid` at its own pixel size, with the column titles above it and, below it, the
     VOC colour of every class that appears in its masks (255 = ignored pixels)."""
     grid = overlay_grid(rows, height, gap)
     shown = np.unique(np.concatenate([np.unique(m) for _, gt, pred in rows for m in (gt, pred)]))
     names = {i: name for i, name in enumerate(class_names)} | {255: "ignored"}
-    columns = max(1, min(len(shown), grid.shape[1] // 120))
-    top, bottom = 24, 16 + 20 * -(-len(shown) // columns)  # px: titles; legend rows
+    legend_columns = max(1, min(len(shown), grid.shape[1] // 120))
+    top, bottom = 24, 16 + 20 * -(-len(shown) // legend_columns)  # px: titles; legend rows
     total = grid.shape[0] + top + bottom
     figure = Figure(figsize=(grid.shape[1] / 100, total / 100), dpi=100)
     FigureCanvasAgg(figure)
     ax = figure.add_axes((0, bottom / total, 1, grid.shape[0] / total))  # the grid pixel for pixel
     ax.imshow(grid, interpolation="nearest", aspect="auto")
     ax.set_axis_off()
-    width = (grid.shape[1] - 2 * gap) / 3
-    for column, title in enumerate(COLUMNS):
+    width = (grid.shape[1] - (len(columns) - 1) * gap) / len(columns)
+    for column, title in enumerate(columns):
         ax.text(column * (width + gap) + width / 2, -6, title, ha="center", va="bottom", fontsize=10)
     palette = voc_palette() / 255
     handles = [Patch(facecolor=palette[c], edgecolor="grey", label=names.get(int(c), str(c))) for c in shown]
-    figure.legend(handles=handles, loc="lower center", ncol=columns, frameon=False, fontsize=9,
+    figure.legend(handles=handles, loc="lower center", ncol=legend_columns, frameon=False, fontsize=9,
                   handlelength=1.2, columnspacing=1.0)
     return figure
+
+
+# ---- tables ------------------------------------------------------------------------------------
+def table(columns: Sequence[str], rows: Iterable[Sequence[str]], title: str | None = None,
+          left: int = 1) -> Table:
+    """A rich table whose first `left` columns are text (left-aligned) and the rest numbers."""
+    shown = Table(title=title, header_style="bold")
+    for i, column in enumerate(columns):
+        shown.add_column(column, justify="left" if i < left else "right")
+    for row in rows:
+        shown.add_row(*row)
+    return shown
+
+
+def markdown(shown: Table) -> str:
+    """The same table as GitHub markdown, for results.md files logged beside the runs."""
+    cells = [list(column.cells) for column in shown.columns]
+    lines = ["| " + " | ".join(str(c.header) for c in shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in zip(*cells, strict=True)]
+    return "\n".join(lines) + "\n"
+
+
+def confusion_csv(cm: np.ndarray, names: Sequence[str]) -> str:
+    """Rows ground truth, columns prediction, both named."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["gt \\ pred", *names])
+    writer.writerows([name, *row] for name, row in zip(names, np.asarray(cm).tolist(), strict=True))
+    return buffer.getvalue()

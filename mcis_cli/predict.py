@@ -64,7 +64,7 @@ def _batches(images: list[Path], batch_size: int) -> tuple[list[list[Path]], dic
 
 @dataclass
 class Prediction:
-    """What `run` wrote, and the images it could not read (path -> one-line reason)."""
+    """What `predict_files` wrote, and the images it could not read (path -> one-line reason)."""
 
     written: int
     out_dir: Path
@@ -78,8 +78,8 @@ class Prediction:
         return line + (f"; {len(self.failed)} could not be read" if self.failed else "")
 
 
-def run(model: str | Path, images: list[str], out_dir: str | Path, provider: str = "auto",
-        batch_size: int = 8) -> Prediction:
+def predict_files(model: str | Path, images: list[str], out_dir: str | Path, provider: str = "auto",
+                  batch_size: int = 8) -> Prediction:
     """Write <out>/<stem>.png (palette mask) and <stem>_overlay.jpg for every readable image.
 
     An unreadable image does not stop the others: it is listed in the result's `failed`. When no
