@@ -127,17 +127,12 @@ def test_classes_txt_sets_the_class_count(voc_root):
 @pytest.mark.parametrize(
     "list_name, line, message",
     [
-        ("train_aug", "../2007_000001", "unsafe image id"),
-        ("train_aug", "sub/2007_000001", "unsafe image id"),
-        ("train_aug", "2007_000009", "not found"),
-        ("train_aug", "2007_000001", "duplicate id"),
-        ("train_cls", "2007_000001 20", "out of range 0..19"),
-        ("train_cls", "2007_000001 dog", "not an integer"),
-        ("extra", "single/new.jpg 0", "out of range 1..20"),
-        ("extra", "single/new.jpg", "expected `<file> <class>"),
+        ("train_aug", "../2007_000001", "unsafe image id"), ("train_aug", "sub/2007_000001", "unsafe image id"),
+        ("train_aug", "2007_000009", "not found"), ("train_aug", "2007_000001", "duplicate id"),
+        ("train_cls", "2007_000001 20", "out of range 0..19"), ("train_cls", "2007_000001 dog", "not an integer"),
+        ("extra", "single/new.jpg 0", "out of range 1..20"), ("extra", "single/new.jpg", "expected `<file> <class>"),
         ("extra", "single/new.jpg 3\nother/new.jpg 4", "duplicate id extra_new"),
-        ("extra", "/etc/hostname 3", "absolute path"),
-        ("extra", "../outside.jpg 3", "resolves outside"),
+        ("extra", "/etc/hostname 3", "absolute path"), ("extra", "../outside.jpg 3", "resolves outside"),
         ("extra", "single/missing.jpg 3", "not found"),
     ],
 )
