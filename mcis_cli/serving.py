@@ -108,7 +108,8 @@ def open_session(path: str | Path, provider: str = "auto") -> tuple[ort.Inferenc
 
 
 def preprocess(rgb: np.ndarray, meta: dict) -> np.ndarray:
-    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32: scaled to 0-1, then (x - mean) / std."""
+    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32: scaled to 0-1, then (x - mean) / std.
+    The numpy twin of `transforms.normalize`: a served model's environment has no torch."""
     mean = np.asarray(meta["mean"], dtype=np.float32)
     std = np.asarray(meta["std"], dtype=np.float32)
     return np.ascontiguousarray(((rgb.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2))

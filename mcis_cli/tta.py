@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcis_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mcis_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
 def _starts(size: int, window: int, stride: int) -> list[int]:
@@ -65,10 +65,7 @@ def predict_probs(
     mode. A flip and its original go through the network as one batch of two.
     """
     h, w = image.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float() / 255
-    x = (x - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(
-        std, device=device
-    ).view(1, 3, 1, 1)
+    x = normalize(torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None], mean, std)
     total = None
     for scale in scales:
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
