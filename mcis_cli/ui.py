@@ -6,7 +6,6 @@ that Ctrl-C (or SIGTERM) stops it and every worker it forked, and `mcis ui` exit
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
@@ -22,6 +21,7 @@ from rich.console import Console
 
 from mcis_cli import tracking
 from mcis_cli.errors import McisError
+from mcis_cli.procs import stop_group
 
 START_TIMEOUT = 180.0  # s; a cold start takes 5-40 s depending on the machine's load
 STOP_TIMEOUT = 15.0
@@ -65,12 +65,8 @@ def _wait_ready(url: str, proc: subprocess.Popen) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise McisError(f"mlflow server exited with code {proc.returncode} before answering; see its output above")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        if tracking.server_answers(url, timeout=2):
+            return
         time.sleep(0.3)
     raise McisError(f"mlflow server did not answer at {url} within {START_TIMEOUT:.0f} s")
 
@@ -91,20 +87,6 @@ def training_links(url: str, limit: int = 10) -> list[tuple[str, str]]:
         return []
     return [(e["name"], f"{url}/#/experiments/{e['experiment_id']}?workflowType=machine_learning")
             for e in found if e["name"] != "Default"]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group; SIGKILL whatever is left after STOP_TIMEOUT."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(STOP_TIMEOUT)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def _interrupt(signum, frame):
@@ -147,5 +129,5 @@ def serve(host: str, port: int, expose: bool, workers: int, console: Console) ->
     except KeyboardInterrupt:
         console.print("stopping the MLflow UI")
     finally:
-        _stop(proc)
+        stop_group(proc, STOP_TIMEOUT)  # the server and every worker it forked
         signal.signal(signal.SIGTERM, previous)

@@ -14,18 +14,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from mcis_cli import procs
+from mcis_cli.tracking import server_answers
 
 START_TIMEOUT = 240.0  # s; a cold `mlflow server` takes 10-40 s on two busy cores
 # The job runner (GenAI jobs, seven huey processes) is not used by mcis; leaving it out of the
@@ -62,32 +63,16 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = STAR
     while time.monotonic() - start < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"{' '.join(map(str, proc.args[:4]))} exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=3) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        if server_answers(url, timeout=3, path=""):
+            return
         time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{tail(log)}")
 
 
 def stop_group(proc: subprocess.Popen | None, timeout: float = 30) -> None:
     """SIGTERM the process group led by `proc`, wait, then SIGKILL whatever is left of the group."""
-    if proc is None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    try:  # workers that outlived their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    if proc is not None:
+        procs.stop_group(proc, timeout)
 
 
 def json_request(url: str, payload: dict | None = None, headers: dict | None = None) -> dict:

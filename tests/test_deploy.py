@@ -327,7 +327,7 @@ def test_serve_segments_new_images_with_the_registered_model(logged_in, toy_root
                             "tracking.experiment=team-serve"])
     with tracking.stage_run(cfg, "export") as tracker:
         example = np.zeros((1, 3, 32, 32), np.float32)
-        tracker.log_onnx_model(segmenter(classes), "model", example, "mcis-deeplab")
+        tracking.log_onnx_model(tracker, segmenter(classes), "model", example, "mcis-deeplab")
 
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     inbox.mkdir()

@@ -172,7 +172,7 @@ def test_variants_pin_their_onnxruntime_and_list_their_providers(registered, sto
     cfg = _config(store, "name=serving-variants")
     for variant in ("cpu", "gpu"):
         with tracking.stage_run(cfg, "export") as tracker:
-            info = tracker.log_serving_model(registered[1], "model", export.example_png(), None, variant)
+            info = tracking.log_serving_model(tracker, registered[1], "model", export.example_png(), None, variant)
         folder = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / variant)))
         mlmodel = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
         requirements = (folder / "requirements.txt").read_text().split()

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from mcis_cli import tracking
+from mcis_cli import provenance, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import Config
 from mcis_cli.errors import McisError
@@ -92,7 +92,7 @@ def test_stage_run_logs_everything_and_reads_back(store, tmp_path, request):
     assert tags["mcis.stage"] == "localize"
     assert tags["mcis.source_run"] == "abc123"
     assert tags["mcis.role"] == "baseline"  # a run continues its source's chain
-    assert tags["mcis.dataset_fingerprint"] == tracking.dataset_fingerprint(cfg.data.root)
+    assert tags["mcis.dataset_fingerprint"] == provenance.dataset_fingerprint(cfg.data.root)
     assert len(tags["mcis.dataset_fingerprint"]) == 16
     assert tags["mlflow.source.git.commit"]
     artifacts = {a.path for a in mlc.list_artifacts(tracker.run_id)}

@@ -6,6 +6,7 @@ so a resumed run and a torchrun run see exactly the data of an uninterrupted sin
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from pathlib import Path
@@ -200,7 +201,7 @@ class Trainer:
         totals = []
         for batch in loader:
             terms = self.train_step(batch, epoch, step)
-            if step % self.ccfg.log_every == 0:
+            if tracker is not None and step % self.ccfg.log_every == 0:
                 tracker.log_metrics({"lr": lr, **{f"loss/{k}": v for k, v in terms.items()}}, step=step)
             totals.append(terms["total"])
             step += 1
@@ -294,8 +295,9 @@ def run(cfg: Config, resume: str | None = None, parent: Nest | None = None) -> S
     loader_args = {"num_workers": cfg.data.workers, "pin_memory": device.type == "cuda"}
     val_loader = DataLoader(val_set, batch_size=c.batch_size, **loader_args)
 
-    with stage_run(cfg, STAGE, resume=resume, parent=parent, enabled=runtime.is_main()) as tracker:
-        run_id = runtime.broadcast_str(tracker.run_id)
+    with (stage_run(cfg, STAGE, resume=resume, parent=parent) if runtime.is_main()
+          else contextlib.nullcontext()) as tracker:
+        run_id = runtime.broadcast_str(tracker.run_id if tracker else "")
         ckpt_dir = Path(cfg.output_dir) / run_id / "checkpoints"
         start_epoch, step = 0, 0
         if resume:
@@ -305,7 +307,7 @@ def run(cfg: Config, resume: str | None = None, parent: Nest | None = None) -> S
                 trainer.last_checkpoint = ckpt_dir / "last.pt"
             elif c.pretrained:
                 load_imagenet(trainer.model.backbone, c.batch_norm)
-        else:
+        elif tracker is not None:
             tracker.set_tags({"mcis.method": c.method})
             tracker.log_params({"world_size": world_size, "effective_batch": c.batch_size})
         keep_epoch = min(c.checkpoint_epoch, c.epochs - 1)

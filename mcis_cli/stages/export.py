@@ -6,7 +6,7 @@ checked before it takes its final name: the ONNX checker, then ONNX Runtime agai
 `export.parity_sizes`; beyond `export.tolerance` the stage fails and leaves no model behind.
 `export.precision: fp16` adds a half-precision copy for GPUs, checked the same way against
 PyTorch fp32 (relative tolerance); the registered MLflow model serves the chosen precision
-(`mcis_cli/pyfunc_model.py`: images in, masks out), beside the plain ONNX flavour.
+(`mcis_cli/tracking/pyfunc_model.py`: images in, masks out), beside the plain ONNX flavour.
 """
 
 from __future__ import annotations
@@ -294,8 +294,8 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
         if ex.register_model:
             served = Path(outputs["onnx" if ex.precision == "fp32" else ex.precision])
             example = np.random.default_rng(0).standard_normal((1, 3, 64, 64), dtype=np.float32)
-            tracker.log_onnx_model(onnx.load(served), "onnx", example, serving=ex.serving)
-            info = tracker.log_serving_model(served, "model", example_png(), ex.model_name, ex.serving)
+            tracking.log_onnx_model(tracker, onnx.load(served), "onnx", example, serving=ex.serving)
+            info = tracking.log_serving_model(tracker, served, "model", example_png(), ex.model_name, ex.serving)
             version = str(info.registered_model_version)
             tags = {tracking.SOURCE_TAG: source.run_id, tracking.ROLE_TAG: source.role,
                     tracking.LABELS_TAG: source.tags.get(tracking.LABELS_TAG, "pseudo"),
@@ -306,7 +306,7 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
             if found:
                 tags["miou"], tags["miou_from"] = found
             for key, value in tags.items():
-                tracker.set_model_version_tag(ex.model_name, version, key, value)
+                tracking.set_model_version_tag(tracker, ex.model_name, version, key, value)
             outputs["registered"] = f"models:/{ex.model_name}/{version}"
     return StageResult(tracker.run_id, scores, outputs)
 

@@ -8,6 +8,7 @@ prepares the next batches while the model trains; each crop's randomness comes f
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -267,9 +268,9 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
     net = runtime.data_parallel(model, device) if distributed else model
 
     role = tracking.CEILING if labels == "gt" else None
-    with tracking.stage_run(cfg, "segment", source=source, role=role, resume=resume, parent=parent,
-                            enabled=main) as tracker:
-        run_id = runtime.broadcast_str(tracker.run_id)
+    with (tracking.stage_run(cfg, "segment", source=source, role=role, resume=resume, parent=parent)
+          if main else contextlib.nullcontext()) as tracker:
+        run_id = runtime.broadcast_str(tracker.run_id if tracker else "")
         out = tracking.workdir(cfg, run_id) if main else Path(cfg.output_dir) / run_id
         start, last_good = 0, "none"
         path = _main_first(main, lambda: prior.local_or_fetched(out / LAST, LAST)) if prior else None
@@ -287,8 +288,9 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
             torch.manual_seed(mix(cfg.seed, rank))  # per-rank dropout streams
             if prior and seg.pretrained:
                 _load_imagenet(model, seg)
-            tracker.set_tags({tracking.LABELS_TAG: labels})
-            tracker.log_metrics({"train_images": len(items), "skipped_images": skipped})
+            if tracker is not None:
+                tracker.set_tags({tracking.LABELS_TAG: labels})
+                tracker.log_metrics({"train_images": len(items), "skipped_images": skipped})
         if skipped and main:
             console.print(f"segment: {skipped} training images have no {labels} mask and are skipped")
 
@@ -326,7 +328,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
                 now = time.perf_counter()
                 if it > start:  # the first step warms up allocators and workers
                     busy, timed = busy + now - tick, timed + 1
-                if it % seg.log_every == 0:
+                if tracker is not None and it % seg.log_every == 0:
                     tracker.log_metrics({"lr": lr, "loss": value, "throughput": seg.batch_size / (now - tick)},
                                         step=it)
                 progress.update(task, advance=1, loss=value, lr=lr)

@@ -1,11 +1,12 @@
 """The MLflow model `mcis export` registers: encoded images in, class-index masks out.
 
-Logged as MLflow "models from code": `tracking.log_serving_model` hands this file's path to
-`mlflow.pyfunc.log_model`, which copies it into the model, and MLflow executes it when the model
-is loaded (`mlflow models serve`, `mlflow.pyfunc.load_model`). mcis itself never imports it.
-That is why it is the one file besides tracking.py that imports mlflow: MLflow calls
-`load_context` only on a `PythonModel` subclass, and nothing needs pickling. The work is
-`mcis_cli.serving.Segmenter` (torch-free), which the model carries in its code_paths.
+Logged as MLflow "models from code": `tracking.log_serving_model` (models.py) hands this file's
+path to `mlflow.pyfunc.log_model`, which copies it into the model, and MLflow executes it when the
+model is loaded (`mlflow models serve`, `mlflow.pyfunc.load_model`). mcis itself never imports it.
+It sits in the tracking package, with every other file that imports mlflow; it has to import
+it: MLflow calls `load_context` only on a `PythonModel` subclass, and nothing needs pickling.
+The work is `mcis_cli.serving.Segmenter` (torch-free), which the model carries in its
+code_paths; this file needs nothing else of mcis.
 
 A request's bad input raises `BadRequest`, an `MlflowException` with INVALID_PARAMETER_VALUE:
 the scoring server answers that with HTTP 400 and the message (any other exception would become

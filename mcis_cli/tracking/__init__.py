@@ -1,0 +1,55 @@
+"""Everything mcis says to and asks of MLflow; no module outside this package imports mlflow.
+
+A stage opens a run with `stage_run(...)`, logs through the `Tracker` it yields, and a later
+stage finds its input with `resolve_run(...)` and reads files with `SourceRun.fetch(...)`.
+
+- `store`: where the store is and whether it answers (`tracking_uri`, `server_answers`,
+  `client`), the tag names, and the run queries (`resolve_run`, `get_run`, `find_runs`, ...).
+- `run`: an open run: `stage_run` and the `Tracker` with its buffered metrics, the run folder's
+  lock, and closing runs whose process is gone.
+- `models`: the ONNX and served (pyfunc) models `mcis export` logs and registers, and
+  `download_model` for a registry URI.
+- `pyfunc_model`: the served model's code, which MLflow runs when it loads the model; mcis
+  itself never imports it.
+"""
+
+from mcis_cli.tracking.models import (
+    download_model,
+    log_onnx_model,
+    log_serving_model,
+    set_model_version_tag,
+)
+from mcis_cli.tracking.run import UNSENT, WAIT_ENV, Nest, Tracker, stage_run, workdir
+from mcis_cli.tracking.store import (
+    ABLATION,
+    BASELINE,
+    CEILING,
+    END_TAG,
+    KIND_TAG,
+    LABELS_TAG,
+    METHOD,
+    ROLE_TAG,
+    SOURCE_TAG,
+    STAGE_TAG,
+    STEP_TAG,
+    TRAINING_KIND,
+    SourceRun,
+    client,
+    experiment_id,
+    experiment_name,
+    find_runs,
+    finished_children,
+    get_run,
+    resolve_run,
+    server_answers,
+    tracking_uri,
+)
+
+__all__ = [
+    "ABLATION", "BASELINE", "CEILING", "END_TAG", "KIND_TAG", "LABELS_TAG", "METHOD", "ROLE_TAG",
+    "SOURCE_TAG", "STAGE_TAG", "STEP_TAG", "TRAINING_KIND", "UNSENT", "WAIT_ENV",
+    "Nest", "SourceRun", "Tracker",
+    "client", "download_model", "experiment_id", "experiment_name", "find_runs", "finished_children",
+    "get_run", "log_onnx_model", "log_serving_model", "resolve_run", "server_answers",
+    "set_model_version_tag", "stage_run", "tracking_uri", "workdir",
+]
