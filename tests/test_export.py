@@ -13,13 +13,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from mcis_cli import __version__, runtime, tracking
+from mcis_cli import __version__, artifacts, runtime, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import load_config
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
 from mcis_cli.models.deeplab import DeepLabLargeFOV
-from mcis_cli.stages import export, predict, segment
+from mcis_cli.stages import export, predict
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["background", "circle", "square", "star"]
@@ -48,7 +48,7 @@ def segment_run(cfg, model: torch.nn.Module, names: list[str] = CLASSES,
                 val_miou: float | None = None) -> str:
     """A finished segment run holding `model` as segment.run writes it."""
     with tracking.stage_run(cfg, "segment") as tracker:
-        path = tracking.workdir(cfg, tracker.run_id) / segment.MODEL
+        path = tracking.workdir(cfg, tracker.run_id) / artifacts.MODEL
         runtime.save_checkpoint(path, {
             "state_dict": model.state_dict(), "arch": "vgg16", "num_classes": len(names),
             "width": 0.125, "class_names": names,
@@ -184,7 +184,7 @@ class _Noisy(torch.nn.Module):
 def test_beyond_tolerance_fails_and_writes_nothing(store, tmp_path, monkeypatch):
     cfg = _config(store, "export.tolerance=0.0")
     source = segment_run(cfg, spread_model())
-    model, meta = segment.load_segmenter(tracking.resolve_run(cfg, "segment", source).fetch(segment.MODEL))
+    model, meta = artifacts.load_segmenter(tracking.resolve_run(cfg, "segment", source).fetch(artifacts.MODEL))
     monkeypatch.setattr(export.segment, "load_segmenter", lambda path: (_Noisy(model).eval(), meta))
     out = tmp_path / "served.onnx"
     out.write_bytes(b"the model being served")

@@ -16,7 +16,6 @@ from torch import nn
 
 from mcis_cli.models.backbone import VGG16D1, conv_relu
 
-
 VIEW_SCALES = (0.75, 2.0)  # the resized self-pair views of training and test.py; the flip keeps the size
 
 
