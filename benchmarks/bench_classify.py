@@ -23,7 +23,6 @@ from benchmarks import scratch_store
 from mcis_cli.config import load_config
 from mcis_cli.data import synth, voc
 from mcis_cli.models.mcis import mcis_loss
-from mcis_cli.progress import training_progress
 from mcis_cli.stages import classify
 from mcis_cli.tracking import stage_run
 
@@ -63,15 +62,13 @@ def main() -> dict[str, float]:
                 yield item
 
         both = [0.0, 0.0]
-        with stage_run(cfg, "classify") as tracker, training_progress() as progress:
-            task = progress.add_task("bench", total=EPOCHS * STEPS, loss=float("nan"), lr=c.lr)
+        with stage_run(cfg, "classify") as tracker, trainer.progress(EPOCHS * STEPS, 0, c.lr):
             for e in range(EPOCHS):
                 data.set_epoch(epoch + e)
                 batches = classify.epoch_batches(data.sampler, epoch + e, c.batch_size, 0, 1)
                 loader = DataLoader(data, batch_sampler=batches, num_workers=cfg.data.workers)
                 start = _clock()
-                trainer.train_epoch(with_bare_steps(loader, e > 0), epoch, e * STEPS, c.lr, tracker,
-                                    progress, task)
+                trainer.train_epoch(with_bare_steps(loader, e > 0), epoch, e * STEPS, tracker)
                 if e > 0:
                     both = [b + now - s for b, now, s in zip(both, _clock(), start, strict=True)]
     steps = (EPOCHS - 1) * STEPS

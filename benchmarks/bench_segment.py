@@ -17,7 +17,6 @@ from rich.table import Table
 from benchmarks import scratch_store
 from mcis_cli.config import Config, load_config
 from mcis_cli.data import synth, voc
-from mcis_cli.models.deeplab import build_segmenter, param_groups
 from mcis_cli.stages import segment
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
@@ -33,13 +32,11 @@ def bare_step_seconds(cfg: Config, steps: int = STEPS) -> float:
     data = segment.CropDataset(items, len(names) + 1, seg, cfg.seed)
     batch = [data[(i, 0)] for i in range(seg.batch_size)]
     images, masks = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-    model = build_segmenter(seg, len(names) + 1).train()
-    optimizer = torch.optim.SGD(param_groups(model, seg.weight_decay), lr=seg.lr, momentum=seg.momentum)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    segment.train_step(model, optimizer, scaler, images, masks, False).item()
+    trainer, net = segment.build_trainer(seg, len(names) + 1, torch.device("cpu"), imagenet=False)
+    segment.train_step(trainer, net, images, masks, "the warm-up step")
     start = time.perf_counter()
-    for _ in range(steps):
-        segment.train_step(model, optimizer, scaler, images, masks, False).item()  # sync like the loop
+    for step in range(steps):
+        segment.train_step(trainer, net, images, masks, f"step {step}")  # syncs on the loss, as the loop
     return (time.perf_counter() - start) / steps
 
 

@@ -1,18 +1,21 @@
-"""Process-level plumbing shared by the stages: seeds, devices, atomic files, checkpoints, DDP."""
+"""Process-level plumbing shared by the stages: seeds, devices, atomic checkpoints, DDP."""
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from mcis_cli.errors import McisError
-from mcis_cli.files import atomic_path, exclusive  # noqa: F401 - re-exported for the stages
+from mcis_cli.files import atomic_path
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -78,6 +81,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def derived_seed(*values: int) -> int:
+    """One well-spread 32-bit seed from a few integers (seed, epoch, index, rank, ...): each
+    random choice that has its own seed stays the same however the work is split or resumed."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
+
+
 # ---- distributed --------------------------------------------------------------------------
 def world() -> tuple[int, int]:
     """(rank, world size) as torchrun sets them; (0, 1) for a plain process."""
@@ -112,6 +121,18 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def rank_zero_first(fetch: Callable[[], T]) -> T:
+    """`fetch()` on every rank, rank 0's first: what rank 0 downloads, the others then find in
+    the cache, instead of every rank downloading it at once."""
+    main = is_main()
+    if not main:
+        barrier()
+    result = fetch()
+    if main:
+        barrier()
+    return result
 
 
 def broadcast_str(value: str) -> str:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from mcis_cli import tracking
+from mcis_cli import artifacts, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import SegmentCfg, load_config
 from mcis_cli.data import transforms, voc
@@ -187,7 +187,7 @@ def test_segment_gt_run_logs_poly_lr_loss_and_model(toy_root, store):
     assert all(0.0 <= v <= 1.0 for v in per_class.values())
     assert [m.step for m in mlc.get_metric_history(run.run_id, "val/iou/background")] == [3, 6]
     assert run.tags[tracking.SOURCE_TAG] == "" and run.tags[tracking.ROLE_TAG] == tracking.CEILING
-    model, meta = segment.load_segmenter(run.fetch(segment.MODEL))
+    model, meta = artifacts.load_segmenter(run.fetch(artifacts.MODEL))
     names = ["background", *voc.class_names(toy_root)]
     assert meta["class_names"] == names and meta["num_classes"] == len(names)
     assert model(torch.zeros(1, 3, 29, 37)).shape == (1, len(names), 29, 37)
@@ -257,9 +257,9 @@ def test_two_process_gloo_run_trains(toy_root, store):
     runs = tracking.find_runs(_config(toy_root, store, "ddp"), "segment")
     assert len(runs) == 1  # rank 1 opened no run of its own
     assert len(tracking.client().get_metric_history(runs[0].run_id, "loss")) == 6
-    state = torch.load(runs[0].fetch(segment.LAST), weights_only=True)
+    state = torch.load(runs[0].fetch(artifacts.LAST), weights_only=True)
     assert state["iteration"] == 4 and len(state["rng"]) == 2
-    assert runs[0].fetch(segment.MODEL).is_file()
+    assert runs[0].fetch(artifacts.MODEL).is_file()
 
 
 def test_a_corrupt_image_in_a_worker_is_one_line_naming_it(painted, tmp_path):

@@ -17,12 +17,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mcis_cli import runtime, tracking
+from mcis_cli import artifacts, runtime, tracking
 from mcis_cli.config import Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.models.deeplab import DeepLabLargeFOV
 from mcis_cli.serving import open_session, read_metadata
-from mcis_cli.stages import segment
 from tests.reliability import procs
 from tests.reliability.test_inputs import tiny_model
 
@@ -94,7 +93,7 @@ def test_second_export_to_the_same_file_is_refused(tmp_path, uri, toy_root):
         torch.manual_seed(0)
         model = DeepLabLargeFOV(3, width=0.125)
         with tracking.stage_run(cfg, "segment") as tracker:
-            path = tracking.workdir(cfg, tracker.run_id) / segment.MODEL
+            path = tracking.workdir(cfg, tracker.run_id) / artifacts.MODEL
             runtime.save_checkpoint(path, {
                 "state_dict": model.state_dict(), "arch": "vgg16", "num_classes": 3, "width": 0.125,
                 "class_names": ["background", "a", "b"], "mean": list(transforms.IMAGENET_MEAN),

@@ -1,0 +1,183 @@
+"""The training skeleton of classify and segment, split as torchvision's reference scripts split
+`main` from `train_one_epoch`: each stage keeps its data, its schedule and its loop; what every
+loop does the same way is written here once.
+
+- the learning rate of the schedule, set on each param group times its `lr_mult`;
+- a step: the loss terms averaged over the ranks and checked *before* the update, so that a
+  non-finite loss stops the run in one line (the stage, the step, the last good checkpoint)
+  and its update is never applied; then the AMP-scaled backward and optimizer step;
+- the resume state: model, optimizer, GradScaler, every rank's RNG state and the stage's progress
+  counters, so that a resumed run continues bit-exactly.
+
+Only rank 0 opens the MLflow run and writes files; the other ranks have no tracker (None). The
+rank-0 guards of a step's metrics and of a file's writing and upload are here; the stages guard
+only their own rank-0 work (validation, the run's tags).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mcis_cli import artifacts, runtime, tracking
+from mcis_cli.errors import McisError
+from mcis_cli.progress import console, training_progress
+
+if TYPE_CHECKING:
+    from mcis_cli.config import Config
+
+
+def start(cfg: Config, stage: str, batch_size: int,
+          resume: str | None) -> tuple[tracking.SourceRun | None, torch.device]:
+    """Join torchrun's processes, check that the global batch splits over them, find the run to
+    resume (refused when its settings differ), then pick the device and seed every rank alike."""
+    runtime.init_distributed(cfg.device)
+    world = runtime.world()[1]
+    if batch_size % world:
+        raise McisError(f"{stage}.batch_size {batch_size} does not split over {world} processes; "
+                        f"make it a multiple of {world}")
+    prior = tracking.get_run(cfg, resume, stage) if resume else None
+    if prior:
+        prior.require_same(cfg, stage)
+    device = runtime.select_device(cfg.device)
+    runtime.seed_everything(cfg.seed, cfg.deterministic)
+    return prior, device
+
+
+@contextmanager
+def open_run(cfg: Config, stage: str, **options: Any) -> Iterator[tuple[tracking.Tracker | None, str]]:
+    """(tracker, run id): rank 0 opens the stage's run (`tracking.stage_run` with `options`), the
+    other ranks get None and rank 0's run id."""
+    main = runtime.is_main()
+    with (tracking.stage_run(cfg, stage, **options) if main else nullcontext()) as tracker:
+        yield tracker, runtime.broadcast_str(tracker.run_id if main else "")
+
+
+def loader_options(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The DataLoader options both stages share: the worker count and pinned memory on a GPU."""
+    return {"num_workers": cfg.data.workers, "pin_memory": device.type == "cuda"}
+
+
+class Trainer:
+    """One process's model, optimizer and GradScaler, and the last good checkpoint (named when
+    the loss turns non-finite). The model is the bare one: `parallel` wraps what a step calls."""
+
+    def __init__(self, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, amp: bool, log_every: int):
+        self.stage, self.model, self.optimizer, self.device = stage, model, optimizer, device
+        self.amp = amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.log_every = log_every
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.main = runtime.is_main()
+        self.last_good: Path | None = None
+        self._bar = training_progress()
+        self._bar.disable = not self.main
+        self._task = None
+        if amp and not self.amp and self.main:
+            console.print(f"[yellow]warning:[/] {stage}.amp needs CUDA; training in fp32")
+
+    def parallel(self, module: nn.Module, **options: Any) -> nn.Module:
+        """`module` under DDP when the ranks train together, else itself."""
+        return runtime.data_parallel(module, self.device, **options) if self.distributed else module
+
+    def autocast(self):
+        """The mixed precision of the forward (a no-op without AMP)."""
+        return torch.autocast(self.device.type, enabled=self.amp)
+
+    def set_lr(self, lr: float) -> None:
+        """The schedule's rate on every param group, times the group's multiplier."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+
+    def step(self, total: torch.Tensor, parts: dict[str, torch.Tensor], where: str) -> dict[str, float]:
+        """Update from the loss `total` of the forward (its `parts` are logged): returns
+        {"total", *parts} averaged over the ranks. A non-finite one stops before the update, in
+        a McisError naming the step (`where`) and the last good checkpoint."""
+        values = torch.stack([total.detach().float(), *(p.detach().float() for p in parts.values())])
+        if self.distributed:
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        terms = dict(zip(["total", *parts], values.tolist(), strict=True))
+        if not all(math.isfinite(v) for v in terms.values()):
+            raise McisError(
+                f"{self.stage}: non-finite loss {terms}; loss is {terms['total']} at {where}; last good "
+                f"checkpoint: {self.last_good or 'none yet'}; lower {self.stage}.lr in a new run, or "
+                "check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return terms
+
+    @contextmanager
+    def progress(self, total: int, done: int, lr: float) -> Iterator[None]:
+        """Rank 0's progress bar over `total` steps, `done` of them already; `log_step` advances it."""
+        with self._bar:
+            self._task = self._bar.add_task(self.stage, total=total, completed=done, loss=float("nan"), lr=lr)
+            yield
+
+    def log_step(self, tracker: tracking.Tracker | None, step: int, lr: float, loss: float,
+                 metrics: dict[str, float]) -> None:
+        """After step `step`: rank 0 logs the lr and `metrics` every `log_every` steps; the bar advances."""
+        if tracker is not None and step % self.log_every == 0:
+            tracker.log_metrics({"lr": lr, **metrics}, step=step)
+        self._bar.update(self._task, advance=1, loss=loss, lr=lr)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state(self, **progress: int) -> dict[str, Any]:
+        """The resume state, with every rank's RNG state (dropout) gathered: all ranks call it."""
+        if self.distributed:
+            rng = [None] * dist.get_world_size()
+            dist.all_gather_object(rng, runtime.rng_state())
+        else:
+            rng = [runtime.rng_state()]
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng, **progress}
+
+    def restore(self, state: dict[str, Any], other_world: Callable[[dict[str, Any]], None]) -> None:
+        """Continue from a `state`: each rank takes its own RNG state back; saved by another
+        number of ranks, `other_world(state)` sets this rank's RNG (the stage's choice)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        rank, size = runtime.world()
+        if len(state["rng"]) == size:
+            runtime.set_rng_state(state["rng"][rank])
+        else:
+            other_world(state)
+
+    def resume(self, cfg: Config, prior: tracking.SourceRun,
+               other_world: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+        """Restore the LAST file of the run `prior` (rank 0 fetches it first); the state, or None
+        when the run has none (killed before its first checkpoint: it starts over)."""
+        path = runtime.rank_zero_first(lambda: artifacts.resume_state(cfg, prior))
+        if path is None:
+            return None
+        state = runtime.load_checkpoint(path)
+        self.restore(state, other_world)
+        self.last_good = path
+        return state
+
+    def write(self, path: Path, content: dict[str, Any], tracker: tracking.Tracker | None = None) -> None:
+        """Rank 0 writes `content` to `path` atomically and, given the tracker, uploads it to the
+        artifact folder named as its local folder (checkpoints/); the other ranks write nothing."""
+        if self.main:
+            runtime.save_checkpoint(path, content)
+            if tracker is not None:
+                tracker.log_artifact(path, path.parent.name)
+
+    def save(self, path: Path, tracker: tracking.Tracker | None, **progress: int) -> None:
+        """Checkpoint the resume state with the stage's `progress` counters (every rank calls it);
+        once rank 0 has written and uploaded it, it is the last good checkpoint."""
+        self.write(path, self.state(**progress), tracker)
+        self.last_good = path
+        runtime.barrier()
