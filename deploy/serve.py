@@ -16,7 +16,8 @@ from pathlib import Path
 
 from mcis_cli import tracking
 from mcis_cli.errors import McisError
-from mcis_cli.stages import predict
+from mcis_cli import predict
+from mcis_cli.serving import read_metadata
 
 SETTLE_SECONDS = 2.0  # a file modified more recently may still be being copied in
 
@@ -41,7 +42,7 @@ def move(paths: list[Path], folder: Path) -> None:
 def process(model: Path, batch: list[Path], outbox: Path, provider: str) -> None:
     """Segment a batch; images that cannot be read go to failed/ with the reason printed."""
     try:
-        result = predict.run(model, [str(p) for p in batch], outbox, provider=provider)
+        result = predict.predict_files(model, [str(p) for p in batch], outbox, provider=provider)
     except McisError as exc:  # no image of the batch could be read
         print(f"failed: {exc}", file=sys.stderr, flush=True)
         move(batch, batch[0].parent / "failed")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = tracking.download_model(args.model) if args.model.startswith("models:/") else Path(args.model)
-        predict.read_metadata(model)  # a bad model is an error here, not a failure of every image
+        read_metadata(model)  # a bad model is an error here, not a failure of every image
         args.inbox.mkdir(parents=True, exist_ok=True)
         print(f"watching {args.inbox} with {args.model} ({model}); results in {args.outbox}", flush=True)
         while True:
