@@ -142,10 +142,18 @@ class SegmentCfg(Section):
     batch_norm: bool = False  # vgg16 only: BatchNorm after every body conv; official: none
     blocks: int = Field(5, ge=4, le=5)  # vgg16 only: conv blocks of the body (official: 5)
     pretrained: bool = True
+    # a local .pth state dict in this model's own keys (e.g. a converted Caffe vgg16_20M), loaded
+    # instead of torchvision's ImageNet file when pretrained; see README "Using real PASCAL VOC"
+    weights: str | None = None
     batch_size: int = Field(10, ge=1)
     crop: int = Field(321, ge=16)
-    scale_range: list[float] = Field(default_factory=lambda: [0.7, 1.3])
+    # the crop's scale is one of `scales` (Caffe ImageSegData); empty: uniform over scale_range
+    scales: list[float] = Field(default_factory=lambda: [0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3])
+    scale_range: list[float] = Field(default_factory=lambda: [0.7, 1.3], min_length=2, max_length=2)
     mirror: bool = True
+    # images: each image's mean over its valid pixels, averaged over the batch (Caffe, batch 1 x
+    # iter_size 10); pixels: the mean over the batch's valid pixels pooled
+    loss_norm: Literal["images", "pixels"] = "images"
     iters: int = Field(15000, ge=1)
     lr: float = Field(1e-3, gt=0)
     lr_mult_classifier: float = 10.0
@@ -158,6 +166,26 @@ class SegmentCfg(Section):
     log_every: int = Field(1, ge=1)
     val_every: int = Field(1000, ge=0)  # 0 = no periodic validation
     checkpoint_every: int = Field(1000, ge=1)
+
+    @field_validator("scales", "scale_range")
+    @classmethod
+    def _positive_scales(cls, value: list[float]) -> list[float]:
+        if any(s <= 0 for s in value):
+            raise ValueError("scale factors must be > 0")
+        return value
+
+    @field_validator("scale_range")
+    @classmethod
+    def _low_high(cls, value: list[float]) -> list[float]:
+        if value[0] > value[1]:
+            raise ValueError("must be the low then the high scale")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_need_pretrained(self) -> SegmentCfg:
+        if self.weights is not None and not self.pretrained:
+            raise ValueError("segment.weights is the pretrained init: set segment.pretrained=true too")
+        return self
 
 
 class CrfCfg(Section):
@@ -176,6 +204,9 @@ class EvaluateCfg(Section):
     crf_params: CrfCfg = Field(default_factory=CrfCfg)
     jobs: int = Field(2, ge=1)  # CRF worker processes
     window: int = Field(401, ge=0)  # sliding-window size; 0 = whole image
+    # official: bicubic resizes, every window padded to full size (eval_res.py); bilinear: the
+    # image and probabilities resized bilinearly, windows clipped to the image
+    upsample: Literal["official", "bilinear"] = "official"
     save_masks: bool = False
     overlays: int = Field(8, ge=0)
     # background thresholds tried when scoring localization maps (SEAM-style sweep)

@@ -2,9 +2,15 @@
 
 Every scale: resize, normalise, forward (in windows when the image is larger than `window`),
 softmax, resize the probabilities back; then average over scales and horizontal flips.
-Differences from the Caffe code, none of which changes what is averaged: bilinear instead of
-bicubic resizing (bicubic can push probabilities below 0), and windows are clipped to the
-image instead of zero-padding it to 401 px.
+
+`upsample="official"` is the Caffe path: bicubic resizes of the image and of the probabilities,
+and an image smaller than the window zero-padded (the mean colour, after normalisation) to the
+full window, so that every forward is window x window (401 = 8 * 50 + 1, the size at which the
+x8 upsampling inside the model is exact) and the padding is cropped off the probabilities.
+What remains different: the image is resized after normalisation in float (cv2 resizes the
+uint8 image), and RGB with the ImageNet mean/std is fed instead of BGR minus the mean.
+`upsample="bilinear"` resizes bilinearly (bicubic can push probabilities below 0; the CRF floors
+them at 1e-4) and clips windows to the image instead of padding it.
 """
 
 from __future__ import annotations
@@ -26,9 +32,17 @@ def _starts(size: int, window: int, stride: int) -> list[int]:
     return sorted({*range(0, size - window, stride), size - window})
 
 
-def _probs(model: nn.Module, x: torch.Tensor, window: int) -> torch.Tensor:
-    """Softmax of (N, 3, h, w) at input size; overlapping windows are averaged."""
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def _probs(model: nn.Module, x: torch.Tensor, window: int, pad: bool = False) -> torch.Tensor:
+    """Softmax of (N, 3, h, w) at input size; overlapping windows are averaged. With `pad`, a
+    side shorter than the window is zero-padded (bottom / right) to it, then cropped off again."""
     h, w = x.shape[-2:]
+    if pad and window > 0 and (h < window or w < window):
+        padded = F.pad(x, (0, max(window - w, 0), 0, max(window - h, 0)))
+        return _probs(model, padded, window)[..., :h, :w]
     if window <= 0 or (h <= window and w <= window):
         logits = model(x)
         if logits.shape[-2:] != (h, w):
@@ -58,24 +72,28 @@ def predict_probs(
     device: str | torch.device = "cpu",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    upsample: str = "bilinear",
 ) -> np.ndarray:
     """(C, H, W) float32 class probabilities of an HxWx3 uint8 RGB image.
 
     `model` maps normalised (N, 3, h, w) images to (N, C, h, w) logits and should be in eval
-    mode. A flip and its original go through the network as one batch of two.
+    mode. A flip and its original go through the network as one batch of two. `upsample` is
+    "official" (bicubic, windows padded to full size) or "bilinear" (see the module docstring).
     """
+    if upsample not in ("official", "bilinear"):
+        raise ValueError(f"upsample must be 'official' or 'bilinear', got {upsample!r}")
+    mode, pad = ("bicubic", True) if upsample == "official" else ("bilinear", False)
     h, w = image.shape[:2]
     x = normalize(torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None], mean, std)
     total = None
     for scale in scales:
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        xs = _resize(x, size, mode)
         if flip:
             xs = torch.cat([xs, xs.flip(-1)])
-        p = _probs(model, xs, window)
+        p = _probs(model, xs, window, pad)
         p = p[:1] + p[1:].flip(-1) if flip else p
-        if size != (h, w):
-            p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        p = _resize(p, (h, w), mode)
         total = p if total is None else total + p
     views = len(scales) * (2 if flip else 1)
     return (total[0] / views).float().cpu().numpy()

@@ -30,6 +30,20 @@ def test_official_values_in_voc_config():
     assert cfg.evaluate.crf_params.iters == 1 and cfg.evaluate.crf_params.bi_srgb == 4
 
 
+@pytest.mark.parametrize("name", ["voc12_vgg16", "voc12_resnet101", "voc12_vgg16_extra", "voc12_vgg16_web"])
+def test_voc_configs_take_the_caffe_segmentation_recipe(name):
+    cfg = load_config(REPO / f"configs/{name}.yaml")
+    assert cfg.segment.scales == [0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3] and cfg.segment.loss_norm == "images"
+    assert (cfg.evaluate.upsample, cfg.evaluate.window) == ("official", 401) and cfg.segment.weights is None
+
+
+@pytest.mark.parametrize("name", ["toy", "toy_extra", "toy_web"])
+def test_toy_configs_keep_their_measured_segmentation_settings(name):
+    cfg = load_config(REPO / f"configs/{name}.yaml")
+    assert (cfg.segment.scales, cfg.segment.scale_range, cfg.segment.loss_norm) == ([], [0.7, 1.3], "pixels")
+    assert (cfg.evaluate.upsample, cfg.evaluate.window) == ("bilinear", 0)
+
+
 def test_official_recipe_keeps_the_paper_architecture_and_optimiser():
     cfg = load_config(REPO / "configs/voc12_vgg16.yaml")
     c = cfg.classify
@@ -103,6 +117,11 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("name: x\n", ["classify.lr=abc"], "invalid value for 'classify.lr' in --set"),
         ("name: x\nclassify: [1, 2\n", [], "YAML syntax error"),
         ("name: x\n", ["classify.lr"], "--set expects key=value"),
+        ("name: x\n", ["segment.weights=w.pth", "segment.pretrained=false"], "set segment.pretrained=true"),
+        ("name: x\n", ["segment.scales=[1.0, 0]"], "scale factors must be > 0"),
+        ("name: x\n", ["segment.scale_range=[1.3, 0.7]"], "must be the low then the high scale"),
+        ("name: x\n", ["segment.loss_norm=batch"], "invalid value for 'segment.loss_norm'"),
+        ("name: x\n", ["evaluate.upsample=nearest"], "invalid value for 'evaluate.upsample'"),
     ],
 )
 def test_bad_config_is_one_line_exit_2(tmp_path, text, sets, needle):

@@ -307,6 +307,23 @@ def test_random_scale_crop_flip_keeps_alignment_and_ignore():
     assert np.all(small[1][25:, :] == 255) and np.all(small[1][:, 25:] == 255)
 
 
+def test_an_image_smaller_than_the_crop_is_padded_not_a_crash():
+    """A 200 x 150 image under the official 321 crop and scales 0.7..1.3: padded with the mean
+    colour (zero once normalised) and 255 labels, whatever the scale and offset."""
+    mask = np.zeros((150, 200), np.uint8)
+    mask[40:110, 50:150] = 4
+    image = transforms.voc_palette()[mask]
+    scales = [0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3]
+    for seed in range(8):
+        img, lab = transforms.random_scale_crop_flip(image, mask, 321, scales, True, random.Random(seed), pick=True)
+        assert img.shape == (321, 321, 3) and lab.shape == (321, 321)
+        padded = lab == 255
+        assert padded.mean() > 1 - (150 * 1.3 * 200 * 1.3) / 321**2 - 1e-3  # at most the scaled image
+        assert np.all(img[padded] == transforms.MEAN_RGB)
+        assert np.abs(transforms.to_tensor(img).numpy()[:, padded]).max() < 0.03
+        assert (lab == 4).any() and set(np.unique(lab)) <= {0, 4, 255}
+
+
 def test_resize_nearest_keeps_index_values():
     mask = np.random.default_rng(0).choice(np.array([0, 4, 255], np.uint8), (13, 17))
     out = transforms.resize(mask, (30, 20), "nearest")

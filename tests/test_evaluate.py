@@ -72,6 +72,56 @@ def test_whole_image_single_scale_is_exact():
     np.testing.assert_array_equal(pred, labels)
 
 
+class ConstantNet(nn.Module):
+    """The same logits at every pixel, at the input size; records its input sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+        self.logits = torch.tensor([0.5, 2.0, -1.0, 0.0])
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return self.logits.view(1, 4, 1, 1).expand(x.shape[0], 4, *x.shape[-2:])
+
+
+def test_official_upsampling_of_constant_logits_is_constant():
+    model = ConstantNet()
+    image = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    probs = predict_probs(model, image, (0.5, 1.0, 1.5), flip=True, window=64, upsample="official")
+    assert probs.shape == (4, 45, 70)
+    expected = model.logits.softmax(0).numpy()[:, None, None]
+    np.testing.assert_allclose(probs, np.broadcast_to(expected, probs.shape), atol=1e-5)
+    assert set(model.sizes) == {(64, 64)}  # every forward a full, padded window
+
+
+def test_official_window_larger_than_the_image_is_padding_then_crop():
+    labels = _blocks(33, 47)
+    model = ColourNet()
+    pred = predict_probs(model, COLOURS[labels], window=401, upsample="official").argmax(0)
+    np.testing.assert_array_equal(pred, labels)  # the zero (mean colour) padding is cropped off
+    assert model.sizes == [(401, 401)]
+
+
+@pytest.mark.parametrize("size", [(375, 500), (500, 333), (333, 500)])
+def test_official_voc_sizes_come_back_at_the_image_size(size):
+    h, w = size
+    labels = np.zeros(size, np.int64)
+    labels[h // 4 : h // 2, w // 5 : w // 2] = 1
+    labels[h // 2 :, w // 2 :] = 3
+    model = ColourNet()
+    probs = predict_probs(model, COLOURS[labels], (0.5, 0.75, 1.0, 1.25, 1.5), flip=True, window=401,
+                          upsample="official")
+    assert probs.shape == (4, h, w)
+    assert set(model.sizes) == {(401, 401)}  # 401 = 8 * 50 + 1: the model's x8 upsampling is exact
+    assert (probs.argmax(0) == labels).mean() > 0.99
+
+
+def test_unknown_upsample_is_refused():
+    with pytest.raises(ValueError, match="upsample"):
+        predict_probs(ColourNet(), COLOURS[_blocks(8, 8)], upsample="nearest")
+
+
 def test_overlay_ids_are_spread_and_stable():
     samples = [voc.Sample(f"s{i}", Path("x"), ()) for i in range(10)]
     assert evaluate.overlay_ids(samples, 3) == {"s0", "s4", "s9"}

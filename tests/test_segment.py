@@ -72,7 +72,7 @@ def test_poly_lr_follows_the_deeplab_curve():
 
 def test_crop_at_scale_one_is_the_padded_image_and_mask(painted):
     original = torch.from_numpy(transforms.read_index_png(painted[1]).astype(np.int64))
-    data = segment.CropDataset([painted], 3, SegmentCfg(crop=64, scale_range=[1.0, 1.0]), seed=0)
+    data = segment.CropDataset([painted], 3, SegmentCfg(crop=64, scales=[1.0]), seed=0)
     mirrored = set()
     for epoch in range(12):
         image, mask = data[(0, epoch)]
@@ -106,6 +106,61 @@ def test_random_crops_keep_colours_on_their_labels(painted):
     assert len(scales_seen) > 4  # the scale really varies
     again = segment.CropDataset([painted], 3, seg, seed=0)[(0, 5)]
     assert torch.equal(again[0], data[(0, 5)][0])  # the key alone fixes the crop
+
+
+def test_crop_scales_are_the_listed_ones_or_the_range(painted, monkeypatch):
+    drawn = []
+    real = transforms.resize
+    monkeypatch.setattr(transforms, "resize", lambda im, size, mode="bilinear": (
+        drawn.append(size[0] / 48) if mode == "nearest" else None, real(im, size, mode))[1])
+    listed = SegmentCfg(crop=32)  # official: one of 0.7, 0.8, ..., 1.3
+    data = segment.CropDataset([painted], 3, listed, seed=0)
+    for epoch in range(60):
+        data[(0, epoch)]
+    heights = {round(48 * s) for s in listed.scales}
+    assert {round(48 * d) for d in drawn} == heights  # every listed scale, and only those
+    drawn.clear()
+    uniform = segment.CropDataset([painted], 3, SegmentCfg(crop=32, scales=[]), seed=0)
+    for epoch in range(60):
+        uniform[(0, epoch)]
+    assert len({round(48 * d) for d in drawn}) > len(heights) and min(drawn) >= 0.69 and max(drawn) <= 1.31
+
+
+def test_loss_norm_images_is_the_mean_of_per_image_means():
+    logits = torch.zeros(3, 2, 2, 4)
+    logits[:, 1] = 2.0  # every pixel: p(class 1) = sigmoid(2)
+    masks = torch.full((3, 2, 4), 255)
+    masks[0, 0, :3] = 0  # image 0: 3 valid pixels, all class 0
+    masks[1] = 1  # image 1: 8 valid pixels, all class 1
+    wrong, right = -np.log(1 - 1 / (1 + np.exp(-2.0))), -np.log(1 / (1 + np.exp(-2.0)))
+    pooled = segment.pixel_loss(logits, masks, "pixels")
+    assert float(pooled) == pytest.approx((3 * wrong + 8 * right) / 11, rel=1e-5)
+    per_image = segment.pixel_loss(logits, masks, "images")
+    assert float(per_image) == pytest.approx((wrong + right + 0) / 3, rel=1e-5)  # image 2: no valid
+    # pixel adds 0 and still counts (Caffe divides by max(1, valid)); never NaN
+    assert float(segment.pixel_loss(logits, torch.full_like(masks, 255), "images")) == 0.0
+    assert float(segment.pixel_loss(logits[:2], masks[:2], "images")) == pytest.approx((wrong + right) / 2, rel=1e-5)
+
+
+def test_local_weights_file_loads_and_bad_ones_are_one_line(tmp_path):
+    seg = SegmentCfg(width=0.125, weights=str(tmp_path / "init.pth"))
+    with pytest.raises(McisError, match="segment.weights file not found"):
+        segment._load_weights(DeepLabLargeFOV(21, width=0.125), seg)
+    source = DeepLabLargeFOV(5, width=0.125)  # another class count: the classifier is never read
+    torch.save(source.state_dict(), seg.weights)
+    model = DeepLabLargeFOV(21, width=0.125)
+    classifier = model.classifier.weight.clone()
+    segment._load_weights(model, seg)
+    assert torch.equal(model.fc6.weight, source.fc6.weight)
+    assert torch.equal(model.features[0].weight, source.features[0].weight)
+    assert torch.equal(model.classifier.weight, classifier)
+    torch.save({k: v for k, v in source.state_dict().items() if k != "fc7.bias"}, seg.weights)
+    with pytest.raises(McisError, match="lacks fc7.bias"):
+        segment._load_weights(model, seg)
+    torch.save(DeepLabLargeFOV(21, width=0.25).state_dict(), seg.weights)
+    with pytest.raises(McisError, match="does not fit") as caught:
+        segment._load_weights(model, seg)
+    assert "\n" not in str(caught.value)
 
 
 def test_epoch_sampler_shards_and_resumes_mid_stream():

@@ -161,16 +161,20 @@ def random_scale_crop_flip(
     image: np.ndarray,
     mask: np.ndarray,
     crop: int,
-    scale_range: Sequence[float],
+    scales: Sequence[float],
     mirror: bool,
     rng: random.Random,
+    pick: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """DeepLab training augmentation: one random scale, pad to the crop, random crop, random mirror.
 
-    The image is padded with the mean colour (zero after normalisation) and the mask with 255, so
-    padding never counts as background. Image and mask get the same geometry.
+    The scale is uniform over the range (low, high) `scales`, or with `pick` one of the listed
+    `scales`, as Caffe's ImageSegData picks one of 0.7, 0.8, ..., 1.3. The image is padded with
+    the mean colour (zero after normalisation) and the mask with 255, so padding never counts as
+    background, and an image smaller than the crop trains as well. Image and mask get the same
+    geometry.
     """
-    scale = rng.uniform(*scale_range)
+    scale = rng.choice(scales) if pick else rng.uniform(*scales)
     h, w = mask.shape
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     image = resize(image, size, "bilinear")

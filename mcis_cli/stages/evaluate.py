@@ -107,7 +107,7 @@ def _score_segment(cfg: Config, model, meta: dict, samples, names, shown, masks_
             gt = voc.load_mask(root, sample.id)
             probs = predict_probs(model, image, ev.scales, ev.flip, ev.window, device,
                                   meta.get("mean", transforms.IMAGENET_MEAN),
-                                  meta.get("std", transforms.IMAGENET_STD))
+                                  meta.get("std", transforms.IMAGENET_STD), ev.upsample)
             pred = probs.argmax(0).astype(np.uint8)
             plain[:] += metrics.confusion_matrix(pred, gt, k)
             waiting.append((sample, gt, pred))
@@ -119,7 +119,8 @@ def _score_segment(cfg: Config, model, meta: dict, samples, names, shown, masks_
     else:
         items = (waiting.popleft() for _ in predictions())
     cm, overlays, _ = _tally(items, len(samples), k, shown, masks_dir)
-    note = (f"Model predictions: scales {ev.scales}, flip {ev.flip}, window {ev.window or 'none'}"
+    note = (f"Model predictions: scales {ev.scales}, flip {ev.flip}, window {ev.window or 'none'}, "
+            f"{ev.upsample} upsampling"
             + (f", dense CRF {ev.crf_params.model_dump()}." if ev.crf else ", no CRF."))
     if not ev.crf:
         return Scored(cm, note, overlays=overlays)

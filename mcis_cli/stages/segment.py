@@ -47,7 +47,8 @@ class CropDataset(Dataset):
     def __init__(self, items: list[tuple[Path, Path]], num_classes: int, seg: SegmentCfg, seed: int):
         self.items = items
         self.num_classes = num_classes
-        self.crop, self.scale_range, self.mirror = seg.crop, seg.scale_range, seg.mirror
+        self.crop, self.mirror = seg.crop, seg.mirror
+        self.scales, self.pick = (seg.scales, True) if seg.scales else (seg.scale_range, False)
         self.seed = seed
 
     def __len__(self) -> int:
@@ -64,7 +65,7 @@ class CropDataset(Dataset):
             raise McisError(f"{mask_path}: labels beyond 0..{self.num_classes - 1} and {IGNORE}")
         rng = random.Random(runtime.derived_seed(self.seed, epoch, index))
         image, mask = transforms.random_scale_crop_flip(
-            image, mask, self.crop, self.scale_range, self.mirror, rng
+            image, mask, self.crop, self.scales, self.mirror, rng, self.pick
         )
         return transforms.to_tensor(image), torch.from_numpy(mask.astype(np.int64))
 
@@ -159,17 +160,49 @@ def _load_imagenet(model: nn.Module, seg: SegmentCfg) -> None:
         raise McisError(f"{path} is not torchvision's {name} ({exc})") from None
 
 
-def pixel_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the valid pixels; 0 (not NaN) for a batch with none."""
+def _load_weights(model: nn.Module, seg: SegmentCfg) -> None:
+    """The pretrained init: `segment.weights`, a local state dict in the model's own keys (say a
+    converted Caffe vgg16_20M / dpl_init), else torchvision's ImageNet file. The classifier is new
+    in either case: a file's classifier.* is ignored, every other key must be there."""
+    if seg.weights is None:
+        _load_imagenet(model, seg)
+        return
+    path = Path(seg.weights)
+    if not path.is_file():
+        raise McisError(f"segment.weights file not found: {path} (a local .pth state dict in the "
+                        f"segmenter's own keys; nothing is downloaded), or set segment.weights=null")
+    state = runtime.load_checkpoint(path)
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise McisError(f"segment.weights {path} does not fit segment.arch={seg.arch}: {detail}") from None
+    missing = [k for k in missing if not k.startswith("classifier.")]
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has the unknown key {unexpected[0]}"
+        raise McisError(f"segment.weights {path} is not a state dict of segment.arch={seg.arch}: it {what} "
+                        f"({len(missing)} missing, {len(unexpected)} unknown keys)")
+
+
+def pixel_loss(logits: torch.Tensor, masks: torch.Tensor, norm: str = "pixels") -> torch.Tensor:
+    """Cross-entropy over the valid (non-255) pixels: their mean over the whole batch
+    (`pixels`), or each image's own mean, averaged over the images (`images`: Caffe's batch 1 x
+    iter_size 10). An image without valid pixels adds 0 and still counts as one of the images,
+    as Caffe normalises its loss by max(1, valid pixels); a batch without any gives 0, not NaN."""
+    if norm == "images":
+        per_pixel = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE, reduction="none")
+        valid = (masks != IGNORE).flatten(1).sum(1).clamp(min=1)
+        return (per_pixel.flatten(1).sum(1) / valid).mean()
     total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE, reduction="sum")
     return total / (masks != IGNORE).sum().clamp(min=1)
 
 
 def train_step(trainer: training.Trainer, net: nn.Module, images: torch.Tensor, masks: torch.Tensor,
-               where: str) -> float:
+               where: str, norm: str = "pixels") -> float:
     """One step on a batch already on the device; returns its loss averaged over the ranks."""
     with trainer.autocast():
-        loss = pixel_loss(net(images), masks)
+        loss = pixel_loss(net(images), masks, norm)
     return trainer.step(loss, {}, where)["total"]
 
 
@@ -179,7 +212,7 @@ def build_trainer(seg: SegmentCfg, num_classes: int, device: torch.device,
     the module a step calls: the model, under DDP when distributed."""
     model = build_segmenter(seg, num_classes)
     if imagenet:
-        _load_imagenet(model, seg)
+        _load_weights(model, seg)
     model.to(device)
     optimizer = torch.optim.SGD(
         param_groups(model, seg.weight_decay, seg.lr_mult_bias, seg.lr_mult_classifier),
@@ -218,7 +251,7 @@ def train_loop(cfg: Config, trainer: training.Trainer, net: nn.Module, batches: 
             lr = poly_lr(seg.lr, it, seg.iters, seg.poly_power)
             trainer.set_lr(lr)
             images, masks = (t.to(trainer.device, non_blocking=True) for t in _next_batch(batches))
-            value = train_step(trainer, net, images, masks, f"iteration {it}")
+            value = train_step(trainer, net, images, masks, f"iteration {it}", seg.loss_norm)
             now = time.perf_counter()
             if it > start:  # the first step warms up allocators and workers
                 busy, timed = busy + now - tick, timed + 1
@@ -269,7 +302,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
         if not state:  # a new run, or one killed before its first checkpoint: from the start
             torch.manual_seed(runtime.derived_seed(cfg.seed, rank))  # per-rank dropout streams
             if prior and seg.pretrained:
-                _load_imagenet(trainer.model, seg)
+                _load_weights(trainer.model, seg)
             if trainer.main:
                 tracker.set_tags({tracking.LABELS_TAG: labels})
                 tracker.log_metrics({"train_images": len(items), "skipped_images": skipped})
