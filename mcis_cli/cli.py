@@ -115,16 +115,19 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
     n_train: Annotated[int, typer.Option("--n-train", help="Training images.")] = 320,
     n_val: Annotated[int, typer.Option("--n-val", help="Validation images.")] = 80,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+    size: Annotated[int, typer.Option(help="Image side in pixels (toy profile).")] = 96,
     n_extra: Annotated[int, typer.Option("--n-extra", help="Extra single-label images (setting 2).")] = 0,
     n_web: Annotated[int, typer.Option("--n-web", help="Noisy web images (setting 3).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing folder.")] = False,
+    profile: Annotated[str, typer.Option(
+        help="toy: the embedded dataset; voc: shaped as VOC 2012 (20 classes, VOC sizes, saliency_aug/) "
+             "for the voc12 configs.")] = "toy",
 ) -> None:
     """Write the embedded dataset: deterministic for a seed."""
     from mcis_cli.data import synth
 
     report = synth.write(out_dir, seed=seed, n_train=n_train, n_val=n_val, size=size, n_extra=n_extra,
-                         n_web=n_web, force=force)
+                         n_web=n_web, force=force, profile=profile)
     out.print(f"wrote {report['images']} images to {out_dir}")
 
 

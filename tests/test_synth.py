@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from mcis_cli.cli import app
@@ -37,6 +38,55 @@ def test_same_seed_gives_a_byte_identical_tree(tmp_path):
     synth.write(tmp_path / "d", seed=7, **{**SMALL, "n_train": 7})
     d = _tree_hash(tmp_path / "d")
     assert all(d[k] == a[k] for k in a if k.startswith(("JPEGImages/", "SegmentationClassAug/")))
+
+
+def test_toy_tree_content_is_pinned(tmp_path):
+    """The masks, lists and README of a small toy tree as generator version 1 wrote them before
+    the VOC profile existed (the demo's results depend on them; JPEG bytes were compared too)."""
+    root = tmp_path / "toy"
+    synth.write(root, seed=7, **SMALL)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix == ".png":
+            digest.update(transforms.read_index_png(path).tobytes())
+        elif path.suffix in (".txt", ".md"):
+            digest.update(path.read_bytes())
+    assert digest.hexdigest() == "dd2e8c186b94659edaff5742361d6dcca7a0c92502e6491b2da9eff5be735e4f"
+
+
+def test_voc_profile_is_shaped_as_voc(tmp_path):
+    root = tmp_path / "voc"
+    report = synth.write(root, profile="voc", n_train=24, n_val=6, n_extra=2, n_web=2)
+    assert report["classes"] == list(voc.VOC_CLASSES) == voc.class_names(root)
+    assert not (root / "classes.txt").exists()  # read as a real VOC tree: the VOC names, VOC order
+    checked = voc.check(root)
+    assert checked.problems == [] and checked.classes == list(voc.VOC_CLASSES)
+    assert checked.splits["train_aug"].images == checked.splits["train_aug"].masks == 24
+    shapes = set()
+    for sample in voc.split_samples(root, "train_aug") + voc.split_samples(root, "val"):
+        image = transforms.load_image(sample.image)
+        mask = voc.load_mask(root, sample.id)
+        assert image.shape[:2] == mask.shape and max(mask.shape) == 500
+        assert set(np.unique(mask)) <= {0, 255, *range(1, 21)}
+        shapes.add(mask.shape)
+    assert (375, 500) in shapes and any(h > w for h, w in shapes)  # landscape and portrait
+    assert shapes <= set(synth.VOC.shapes)
+    cfg = DataCfg(root=str(root), saliency_dir="saliency_aug", extra_lists=["extra", "web"])
+    for sample in voc.train_samples(cfg):  # the background cue of voc12_vgg16.yaml, for every training image
+        saliency = np.asarray(Image.open(voc.saliency_path(root, "saliency_aug", sample.id)))
+        assert saliency.shape == transforms.load_image(sample.image).shape[:2]
+        assert set(np.unique(saliency)) <= {0, 255}
+    assert not (root / "saliency_aug" / "val_00000.png").exists()
+
+
+def test_voc_profile_is_deterministic_and_the_size_option_unused(tmp_path):
+    synth.write(tmp_path / "a", profile="voc", seed=3, n_train=3, n_val=2)
+    synth.write(tmp_path / "b", profile="voc", seed=3, n_train=3, n_val=2, size=64)
+    synth.write(tmp_path / "c", profile="voc", seed=4, n_train=3, n_val=2)
+    a = _tree_hash(tmp_path / "a")
+    assert a == _tree_hash(tmp_path / "b") and a != _tree_hash(tmp_path / "c")
+    with pytest.raises(McisError, match="unknown synth profile 'coco'"):
+        synth.write(tmp_path / "d", profile="coco", n_train=3, n_val=2)
 
 
 def test_refuses_to_overwrite_unless_forced(tmp_path):
@@ -84,7 +134,7 @@ def test_objects_are_a_big_body_with_a_small_part():
     assert len({spec.colour for spec in synth.CLASSES}) == len(synth.CLASSES)
     for cls in range(len(synth.CLASSES)):
         for i in range(5):
-            body, *part = synth._object(np.random.default_rng([cls, i]), cls, 96, 0)
+            body, *part = synth._object(np.random.default_rng([cls, i]), cls, (96, 96), 0)
             if part:
                 ratio = (part[0].alpha >= 0.5).sum() / (body.alpha >= 0.5).sum()
                 assert 0.02 < ratio < 0.25
@@ -114,3 +164,13 @@ def test_cli_synth_then_check(tmp_path):
         handle.write("../escape\n")
     checked = runner.invoke(app, ["data", "check", "--root", str(out)])
     assert checked.exit_code == 1 and "val.txt:3: unsafe image id" in checked.output
+
+
+def test_cli_synth_voc_profile(tmp_path):
+    out = tmp_path / "voc"
+    result = CliRunner().invoke(app, ["data", "synth", "--profile", "voc", "--out", str(out), "--n-train", "2",
+                                      "--n-val", "1"])
+    assert result.exit_code == 0 and "wrote 3 images" in result.output
+    assert "--profile voc" in (out / "README.md").read_text()
+    bad = CliRunner().invoke(app, ["data", "synth", "--profile", "coco", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown synth profile" in bad.output

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mcis_cli.data.transforms import palette_image
+from mcis_cli.data.voc import VOC_CLASSES as VOC_NAMES
 from mcis_cli.errors import McisError
 from mcis_cli.files import exclusive_file, umask
 
@@ -119,6 +120,15 @@ CLASSES = (
     ObjectClass("kite_diamond", KITE, _diamond, (20, 20, 20)),
 )
 CLASS_NAMES = [c.name for c in CLASSES]
+PARTS = (_star, _ring, _cross, _triangle, _square, _dot, _bar, _diamond)
+DART = Family(_triangle, _stripes, hue=0.6)  # blue striped triangles: a fourth family for VOC's 20
+# The VOC profile's classes: VOC's names in VOC order; class i is a body of family i // 5 with
+# part shape i % 8 in its own colour (hues 0.382 turns apart).
+VOC_CLASSES = tuple(
+    ObjectClass(name, (POD, CRATE, KITE, DART)[i // 5], PARTS[i % 8],
+                tuple(int(c) for c in colorsys.hsv_to_rgb((i * 0.382) % 1, 0.9 - 0.3 * (i % 2), 255)))
+    for i, name in enumerate(VOC_NAMES)
+)
 
 
 # ---- rendering --------------------------------------------------------------------------
@@ -152,9 +162,9 @@ def _coverage(shape: Field, radii: tuple[float, float], box, centre, angle) -> n
     return inside.astype(np.float32).reshape(h, SS, w, SS).mean(axis=(1, 3))
 
 
-def _box(cx: float, cy: float, radius: float, size: int) -> tuple[int, int, int, int] | None:
+def _box(cx: float, cy: float, radius: float, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
     top, left = max(0, int(cy - radius) - 1), max(0, int(cx - radius) - 1)
-    bottom, right = min(size, int(cy + radius) + 2), min(size, int(cx + radius) + 2)
+    bottom, right = min(shape[0], int(cy + radius) + 2), min(shape[1], int(cx + radius) + 2)
     return (top, left, bottom - top, right - left) if bottom > top and right > left else None
 
 
@@ -162,14 +172,16 @@ def _solid(box, alpha: np.ndarray, colour: np.ndarray, label: int, instance: int
     return Layer(box[0], box[1], alpha, np.broadcast_to(colour, (*alpha.shape, 3)), label, instance)
 
 
-def _object(rng: np.random.Generator, cls: int, size: int, instance: int) -> list[Layer]:
-    """Body and part layers of one object, placed at random with random pose and colours."""
-    spec, scale = CLASSES[cls], size / 96
+def _object(rng: np.random.Generator, cls: int, shape: tuple[int, int], instance: int,
+            table: tuple[ObjectClass, ...] = CLASSES) -> list[Layer]:
+    """Body and part layers of object class `table[cls]` in an image of (h, w) `shape`, placed at
+    random with random pose and colours; sizes scale with the short side (96 px: the toy's)."""
+    spec, scale = table[cls], min(shape) / 96
     a = rng.uniform(11, 20) * scale
     b = a * rng.uniform(0.6, 0.85)
-    cx, cy = rng.uniform(0.15, 0.85, size=2) * size
+    cx, cy = rng.uniform(0.15, 0.85, size=2) * shape[::-1]
     angle = rng.uniform(0, 2 * np.pi)
-    box = _box(cx, cy, a * 1.05, size)
+    box = _box(cx, cy, a * 1.05, shape)
     body = _coverage(spec.family.body, (a, b), box, (cx, cy), angle)
     u, v = _grid(*box, cx, cy, angle, 1)
     base = _hsv(
@@ -185,7 +197,7 @@ def _object(rng: np.random.Generator, cls: int, size: int, instance: int) -> lis
     pu, pv = a * rng.uniform(0.45, 0.6), b * rng.uniform(-0.2, 0.2)  # near the body's "head"
     px, py = cx + c * pu - s * pv, cy + s * pu + c * pv
     part_angle = rng.uniform(0, 2 * np.pi)
-    part_box = _box(px, py, r * 1.05, size)
+    part_box = _box(px, py, r * 1.05, shape)
     if part_box is not None:
         alpha = _coverage(spec.part, (r, r), part_box, (px, py), part_angle)
         colour = np.clip(np.array(spec.colour, np.float32) + rng.uniform(-15, 15, 3), 0, 255)
@@ -193,26 +205,26 @@ def _object(rng: np.random.Generator, cls: int, size: int, instance: int) -> lis
     return layers
 
 
-def _clutter(rng: np.random.Generator, size: int) -> Layer:
+def _clutter(rng: np.random.Generator, shape: tuple[int, int]) -> Layer:
     """A gray-ish ellipse or bar: background when behind objects, an occluder in front."""
-    long, short = rng.uniform(4, 22) * size / 96, rng.uniform(1, 6) * size / 96
-    cx, cy = rng.uniform(0, size, 2)
-    box = _box(cx, cy, long, size)
+    long, short = rng.uniform(4, 22) * min(shape) / 96, rng.uniform(1, 6) * min(shape) / 96
+    cx, cy = rng.uniform(0, shape[::-1])
+    box = _box(cx, cy, long, shape)
     shape = _ellipse if rng.random() < 0.5 else _bar
     alpha = _coverage(shape, (long, short), box, (cx, cy), rng.uniform(0, np.pi))
     colour = _hsv(rng.uniform(), rng.uniform(0, 0.2), rng.uniform(0.25, 0.8))
     return _solid(box, alpha, colour, 0, -1)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     """A muted, low-saturation canvas with smooth colour variation and grain."""
     base = _hsv(rng.uniform(), rng.uniform(0.05, 0.25), rng.uniform(0.35, 0.7))
     coarse = rng.uniform(-30, 30, size=(5, 5, 3)).astype(np.float32)
     smooth = [
-        Image.fromarray(coarse[..., i]).resize((size, size), Image.Resampling.BICUBIC)
+        Image.fromarray(coarse[..., i]).resize(shape[::-1], Image.Resampling.BICUBIC)
         for i in range(3)
     ]
-    grain = rng.normal(0, 6, size=(size, size, 3)).astype(np.float32)
+    grain = rng.normal(0, 6, size=(*shape, 3)).astype(np.float32)
     return base + np.stack([np.asarray(x) for x in smooth], axis=-1) + grain
 
 
@@ -221,10 +233,10 @@ def _composite(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Paint layers in order; returns the image, the mask (255 on anti-aliased object edges) and
     the instance map. Edges between equal labels (part on body, clutter on background) stay clean."""
-    size = canvas.shape[0]
-    label = np.zeros((size, size), np.uint8)
-    instance = np.full((size, size), -1, np.int16)
-    soft = np.zeros((size, size), bool)
+    shape = canvas.shape[:2]
+    label = np.zeros(shape, np.uint8)
+    instance = np.full(shape, -1, np.int16)
+    soft = np.zeros(shape, bool)
     for layer in layers:
         h, w = layer.alpha.shape
         window = np.s_[layer.top : layer.top + h, layer.left : layer.left + w]
@@ -239,18 +251,19 @@ def _composite(
     return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), mask, instance
 
 
-def render(rng: np.random.Generator, classes: list[int], size: int, clutter: int, occluder: bool):
-    """One image holding one object per entry of `classes`: (image, mask).
+def render(rng: np.random.Generator, classes: list[int], shape: tuple[int, int], clutter: int, occluder: bool,
+           table: tuple[ObjectClass, ...] = CLASSES):
+    """One (h, w) `shape` image holding one object of `table` per entry of `classes`: (image, mask).
 
     Layouts are redrawn until every object keeps at least half its area and half its part.
     """
     for _ in range(50):
-        canvas = _background(rng, size)
-        layers = [_clutter(rng, size) for _ in range(clutter)]
-        objects = [_object(rng, c, size, i) for i, c in enumerate(classes)]
+        canvas = _background(rng, shape)
+        layers = [_clutter(rng, shape) for _ in range(clutter)]
+        objects = [_object(rng, c, shape, i, table) for i, c in enumerate(classes)]
         layers += [layer for obj in objects for layer in obj]
         if occluder and rng.random() < 0.5:
-            layers.append(_clutter(rng, size))
+            layers.append(_clutter(rng, shape))
         image, mask, instance = _composite(canvas, layers)
         if all(_visible(obj, instance, i) for i, obj in enumerate(objects)):
             return image, mask
@@ -268,82 +281,138 @@ def _visible(obj: list[Layer], instance: np.ndarray, index: int) -> bool:
     return True
 
 
+# ---- profiles ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    """What a tree looks like: its classes, its image shapes and the background cue it ships."""
+
+    name: str
+    classes: tuple[ObjectClass, ...]
+    shapes: tuple[tuple[int, int], ...] = ()  # (h, w) drawn per image with `weights`; (): size x size
+    weights: tuple[float, ...] = ()
+    saliency_dir: str | None = None  # 0/255 saliency PNGs (object pixels) of the training images
+    class_file: bool = True  # classes.txt; without it the tree reads as VOC (voc.class_names)
+
+    def shape(self, rng: np.random.Generator, size: int) -> tuple[int, int]:
+        """The next image's (h, w); the toy profile draws nothing, so its trees stay as they were."""
+        return self.shapes[rng.choice(len(self.shapes), p=self.weights)] if self.shapes else (size, size)
+
+
+TOY = Profile("toy", CLASSES)
+# PASCAL VOC 2012's usual JPEG sizes (h, w): 500 px on the long side, most 500 x 375 landscape,
+# some portrait (375 x 500, 333 x 500 as w x h); saliency maps where configs/voc12_vgg16.yaml
+# reads them, and no classes.txt, so that the VOC configs run on the tree unchanged but for data.root.
+VOC = Profile(
+    "voc", VOC_CLASSES,
+    shapes=((375, 500), (333, 500), (500, 375), (500, 333), (334, 500), (366, 500), (281, 500), (500, 500)),
+    weights=(0.40, 0.15, 0.15, 0.08, 0.08, 0.06, 0.04, 0.04),
+    saliency_dir="saliency_aug", class_file=False,
+)
+PROFILES = {p.name: p for p in (TOY, VOC)}
+
+
 # ---- the tree ---------------------------------------------------------------------------
 def _save_jpeg(path: Path, image: np.ndarray) -> None:
     path.parent.mkdir(exist_ok=True)
     Image.fromarray(image).save(path, format="JPEG", quality=JPEG_QUALITY, optimize=False)
 
 
-def _scene_classes(rng: np.random.Generator) -> list[int]:
+def _save_saliency(root: Path, profile: Profile, image_id: str, mask: np.ndarray) -> None:
+    """A perfect binary saliency map (255 on every object pixel, edges included), as near-binary
+    as the DSS maps the official code reads; nothing for a profile without one."""
+    if profile.saliency_dir is not None:
+        folder = root / profile.saliency_dir
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(np.uint8(255) * (mask > 0).astype(np.uint8)).save(folder / f"{image_id}.png", format="PNG")
+
+
+def _scene_classes(rng: np.random.Generator, k: int) -> list[int]:
     count = rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])
-    return [int(c) for c in rng.integers(0, len(CLASSES), size=count)]
+    return [int(c) for c in rng.integers(0, k, size=count)]
 
 
-def _write_split(root: Path, split: str, code: int, n: int, seed: int, size: int) -> list[str]:
-    """VOC images + masks; returns `<id> <c> ...` label lines (0-based)."""
+def _write_split(root: Path, split: str, code: int, n: int, seed: int, size: int, profile: Profile) -> list[str]:
+    """VOC images + masks (and the training images' saliency); returns `<id> <c> ...` label lines (0-based)."""
     lines = []
     for i in range(n):
         rng = np.random.default_rng([seed, code, i])
-        classes = _scene_classes(rng)
-        image, mask = render(rng, classes, size, clutter=int(rng.integers(3, 9)), occluder=True)
+        shape = profile.shape(rng, size)
+        classes = _scene_classes(rng, len(profile.classes))
+        image, mask = render(rng, classes, shape, int(rng.integers(3, 9)), True, profile.classes)
         image_id = f"{split}_{i:05d}"
         _save_jpeg(root / "JPEGImages" / f"{image_id}.jpg", image)
         palette_image(mask).save(root / "SegmentationClassAug" / f"{image_id}.png", format="PNG")
+        if split == "train":
+            _save_saliency(root, profile, image_id, mask)
         lines.append(" ".join([image_id, *map(str, sorted(set(classes)))]))
     return lines
 
 
-def _write_extra(root: Path, n: int, seed: int, size: int) -> list[str]:
+def _write_extra(root: Path, n: int, seed: int, size: int, profile: Profile) -> list[str]:
     """Setting 2: simple single-object images, `<file> <class>` lines with 1-based classes."""
     lines = []
     for i in range(n):
         rng = np.random.default_rng([seed, 2, i])
-        cls = int(rng.integers(0, len(CLASSES)))
-        image, _ = render(rng, [cls], size, clutter=int(rng.integers(0, 3)), occluder=False)
+        shape = profile.shape(rng, size)
+        cls = int(rng.integers(0, len(profile.classes)))
+        image, mask = render(rng, [cls], shape, int(rng.integers(0, 3)), False, profile.classes)
         _save_jpeg(root / "extra" / f"extra_{i:05d}.jpg", image)
+        _save_saliency(root, profile, f"extra_extra_{i:05d}", mask)  # voc.py's id: <list>_<stem>
         lines.append(f"extra/extra_{i:05d}.jpg {cls + 1}")
     return lines
 
 
-def _write_web(root: Path, n: int, seed: int, size: int) -> tuple[list[str], int]:
+def _write_web(root: Path, n: int, seed: int, size: int, profile: Profile) -> tuple[list[str], int]:
     """Setting 3: noisy web images. Each is listed under one query class; about WEB_NOISE of them
     do not hold it (a sibling of the same family, or any class), and other objects go unlisted."""
-    lines, wrong = [], 0
+    lines, wrong, table = [], 0, profile.classes
     for i in range(n):
         rng = np.random.default_rng([seed, 3, i])
-        query = int(rng.integers(0, len(CLASSES)))
-        classes = _scene_classes(rng)[:2]
+        shape = profile.shape(rng, size)
+        query = int(rng.integers(0, len(table)))
+        classes = _scene_classes(rng, len(table))[:2]
         if rng.random() < WEB_NOISE:
-            others = [c for c in range(len(CLASSES)) if c != query]
-            siblings = [c for c in others if CLASSES[c].family is CLASSES[query].family]
+            others = [c for c in range(len(table)) if c != query]
+            siblings = [c for c in others if table[c].family is table[query].family]
             classes = [c if c != query else int(rng.choice(others)) for c in classes]
             classes[0] = int(rng.choice(siblings if rng.random() < 0.6 else others))
         else:
             classes[0] = query
         wrong += query not in classes
-        image, _ = render(rng, classes, size, clutter=int(rng.integers(3, 9)), occluder=True)
+        image, mask = render(rng, classes, shape, int(rng.integers(3, 9)), True, table)
         _save_jpeg(root / "web" / f"web_{i:05d}.jpg", image)
+        _save_saliency(root, profile, f"web_web_{i:05d}", mask)
         lines.append(f"web/web_{i:05d}.jpg {query + 1}")
     return lines, wrong
 
 
-def _readme(seed: int, sizes: dict[str, int], size: int, web_wrong: int) -> str:
+def _readme(seed: int, sizes: dict[str, int], size: int, web_wrong: int, profile: Profile) -> str:
     """What was written and how to write it again."""
     classes = "\n".join(
-        f"{i:2d}  {c.name:14s} part colour {c.colour}" for i, c in enumerate(CLASSES)
+        f"{i:2d}  {c.name:14s} part colour {c.colour}" for i, c in enumerate(profile.classes)
     )
     counts = ", ".join(f"{k} {v}" for k, v in sizes.items())
     options = " ".join(f"--n-{k} {v}" for k, v in sizes.items())
+    if profile.shapes:
+        shapes = ", ".join(f"{w}x{h}" for h, w in profile.shapes)
+        what = f"images of PASCAL VOC's sizes (w x h: {shapes})"
+        command = f"mcis data synth --profile {profile.name} --seed {seed} {options}"
+    else:
+        what, command = f"images of {size}x{size} px", f"mcis data synth --seed {seed} --size {size} {options}"
+    families = ("pod: orange spotted ellipse, crate: teal striped\n"
+                "box, kite: violet checkered diamond" + (", dart: blue striped triangle" if profile is VOC else ""))
+    cue = (f"{profile.saliency_dir}/ holds binary saliency maps (255 on the objects) of the training\n"
+           "images, a perfect stand-in for the DSS maps of the real data.\n" if profile.saliency_dir else "")
     return (
         f"{MARKER}, generator version {VERSION}\n\n"
-        f"{counts} images of {size}x{size} px, written by\n"
-        f"`mcis data synth --seed {seed} --size {size} {options}`.\n"
+        f"{counts} {what}, written by\n"
+        f"`{command}`.\n"
         "Layout: JPEGImages/, SegmentationClassAug/ (palette PNG: 0 background, class+1, 255 on\n"
         "object edges), ImageSets/Segmentation/{train_aug,val}.txt and {train,val}_cls.txt\n"
         "(0-based labels); extra.txt / web.txt list `<file> <class>` with 1-based classes.\n"
+        f"{cue}"
         f"Web images whose listed class is absent: {web_wrong} of {sizes.get('web', 0)}.\n\n"
-        "Each object = a body shared by its family (pod: orange spotted ellipse, crate: teal striped\n"
-        "box, kite: violet checkered diamond) + a small part whose shape and colour name the class.\n\n"
+        f"Each object = a body shared by its family ({families}) + a small part whose shape and colour name the class.\n\n"
         f"Classes (0-based):\n{classes}\n"
     )
 
@@ -357,8 +426,13 @@ def write(
     n_extra: int = 0,
     n_web: int = 0,
     force: bool = False,
+    profile: str = "toy",
 ) -> dict:
     """Write the embedded dataset to `out` (VOC2012 layout). Deterministic for a seed.
+
+    `profile` "toy" is the embedded dataset (8 classes, size x size images); "voc" is shaped as
+    PASCAL VOC 2012 for the VOC configs: its 20 class names, its image sizes (`size` unused),
+    saliency maps in saliency_aug/.
 
     The tree is built in a temporary sibling folder and renamed into place, so an interrupted
     run leaves nothing half-written, under a lock beside it, so a second writer is refused. An
@@ -368,12 +442,14 @@ def write(
     out = Path(out)
     if min(n_train, n_val) < 1 or min(n_extra, n_web) < 0 or size < 32:
         raise McisError("synth needs n_train >= 1, n_val >= 1, n_extra/n_web >= 0 and size >= 32")
+    if profile not in PROFILES:
+        raise McisError(f"unknown synth profile {profile!r}; choose one of {', '.join(PROFILES)}")
     with exclusive_file(out, "--out folder"):
-        return _write(out, seed, n_train, n_val, size, n_extra, n_web, force)
+        return _write(out, seed, n_train, n_val, size, n_extra, n_web, force, PROFILES[profile])
 
 
 def _write(out: Path, seed: int, n_train: int, n_val: int, size: int, n_extra: int, n_web: int,
-           force: bool) -> dict:
+           force: bool, profile: Profile) -> dict:
     if out.exists() and any(out.iterdir()):
         if not force:
             raise McisError(f"{out} exists and is not empty; pass --force to replace it")
@@ -386,27 +462,29 @@ def _write(out: Path, seed: int, n_train: int, n_val: int, size: int, n_extra: i
         lists = tmp / "ImageSets" / "Segmentation"
         for folder in (tmp / "JPEGImages", tmp / "SegmentationClassAug", lists):
             folder.mkdir(parents=True)
-        train = _write_split(tmp, "train", 0, n_train, seed, size)
-        val = _write_split(tmp, "val", 1, n_val, seed, size)
-        web, web_wrong = _write_web(tmp, n_web, seed, size)
+        train = _write_split(tmp, "train", 0, n_train, seed, size, profile)
+        val = _write_split(tmp, "val", 1, n_val, seed, size, profile)
+        web, web_wrong = _write_web(tmp, n_web, seed, size, profile)
         files = {
             "train_aug": [line.split()[0] for line in train],
             "train_cls": train,
             "val": [line.split()[0] for line in val],
             "val_cls": val,
-            "extra": _write_extra(tmp, n_extra, seed, size),
+            "extra": _write_extra(tmp, n_extra, seed, size, profile),
             "web": web,
         }
         for name, lines in files.items():
             if lines:
                 (lists / f"{name}.txt").write_text("".join(f"{line}\n" for line in lines))
         sizes = {"train": n_train, "val": n_val, "extra": n_extra, "web": n_web}
-        (tmp / "classes.txt").write_text("".join(f"{name}\n" for name in CLASS_NAMES))
-        (tmp / "README.md").write_text(_readme(seed, sizes, size, web_wrong))
+        names = [c.name for c in profile.classes]
+        if profile.class_file:
+            (tmp / "classes.txt").write_text("".join(f"{name}\n" for name in names))
+        (tmp / "README.md").write_text(_readme(seed, sizes, size, web_wrong, profile))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"images": sum(sizes.values()), **sizes, "web_wrong": web_wrong, "classes": CLASS_NAMES}
+    return {"images": sum(sizes.values()), **sizes, "web_wrong": web_wrong, "classes": names}
