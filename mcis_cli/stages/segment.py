@@ -1,7 +1,8 @@
 """`mcis segment`: train DeepLab-LargeFOV on the pseudo masks (or on ground truth, the ceiling).
 
 DeepLab's recipe [supp]: batches of random scale/crop/mirror crops, SGD with the poly rate set
-every iteration, cross-entropy over the valid pixels of full-resolution logits. A DataLoader
+every iteration, cross-entropy over the valid pixels of full-resolution logits (each image's
+mean, averaged, as Caffe's iter_size does; or pooled: segment.loss_norm). A DataLoader
 prepares the next batches while the model trains; each crop's randomness comes from
 (seed, epoch, index) alone, so a resumed run sees exactly the batches it would have seen.
 """
