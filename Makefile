@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/toy.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast test-voc bench lint clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-voc: install
+	$(BIN)/python -m pytest -m voc_profile $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m benchmarks
