@@ -107,6 +107,24 @@ def test_tiny_cache_evicts_and_still_gives_the_same_maps(model_and_samples):
     assert all(np.abs(a[k] - b[k]).max() <= 1e-5 for k in a)
 
 
+class _MetaCache(localize.FeatureCache):
+    """Features of VOC's full-width 256 px shape (512 x 32 x 32 float32, 2 MiB) without memory."""
+
+    def compute(self, indices):
+        return torch.empty(len(indices), 512, 32, 32, device="meta")
+
+
+def test_cache_stays_within_its_budget_and_evicts_the_least_recently_used():
+    cache = _MetaCache(None, [], 256, torch.device("meta"), budget_mb=5, batch_size=3)  # 2 entries fit
+    cache.get([0, 1])
+    cache.get([0])  # 0 is now the most recent
+    cache.get([2, 3, 4, 2])
+    assert cache.peak <= cache.budget and cache.bytes <= cache.budget
+    assert list(cache.store) == [3, 4] and cache.bytes == 2 * 2**21
+    cache.get([4, 0])
+    assert list(cache.store) == [4, 0] and (cache.hits, cache.misses) == (3, 6)
+
+
 def test_same_inputs_give_identical_maps(model_and_samples, tmp_path):
     model, samples = model_and_samples
     first, second = _maps(model, samples, batch_size=4), _maps(model, samples, batch_size=4)

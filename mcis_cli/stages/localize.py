@@ -145,7 +145,9 @@ def candidates(items: Sequence[Item], self_maps: torch.Tensor | None, cross: Seq
 
 # ---- the feature cache and the two computation paths ----------------------------------------
 class FeatureCache:
-    """Backbone features of training images at the classifier size, LRU-bounded in bytes."""
+    """Backbone features of training images at the classifier size, LRU-bounded in bytes: old
+    entries are evicted before a new one is stored, so `bytes` (and `peak`) never pass the budget.
+    The features of one `get` call are held by its caller beyond the budget until it drops them."""
 
     def __init__(self, model: MCISNet, samples: Sequence[voc.Sample], size: int,
                  device: torch.device, budget_mb: int, batch_size: int):
@@ -153,7 +155,7 @@ class FeatureCache:
         self.budget = budget_mb * 2**20
         self.batch_size = batch_size
         self.store: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self.bytes = 0
+        self.bytes = self.peak = 0
         self.hits = self.misses = 0
 
     def get(self, indices: Sequence[int]) -> list[torch.Tensor]:
@@ -167,21 +169,27 @@ class FeatureCache:
         self.misses += len(missing)
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
-            x = torch.stack([view(transforms.load_image(self.samples[i].image), self.size) for i in chunk])
-            for i, f in zip(chunk, self.model.features(x.to(self.device)), strict=True):
+            for i, f in zip(chunk, self.compute(chunk), strict=True):
                 found[i] = f.clone()
                 self._put(i, found[i])
         return [found[i] for i in indices]
+
+    def compute(self, indices: Sequence[int]) -> torch.Tensor:
+        """The features (B, C, h, w) of these training images (the benchmark replaces it to replay
+        a VOC-sized access pattern without the network)."""
+        x = torch.stack([view(transforms.load_image(self.samples[i].image), self.size) for i in indices])
+        return self.model.features(x.to(self.device))
 
     def _put(self, index: int, feature: torch.Tensor) -> None:
         size = feature.numel() * feature.element_size()
         if size > self.budget:
             return
-        self.store[index] = feature
-        self.bytes += size
-        while self.bytes > self.budget:
+        while self.bytes + size > self.budget:
             _, old = self.store.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
+        self.store[index] = feature
+        self.bytes += size
+        self.peak = max(self.peak, self.bytes)
 
 
 def _batched_features(model: MCISNet, tensors: Sequence[torch.Tensor], device, batch_size: int) -> torch.Tensor:
@@ -365,6 +373,7 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
             result["maps/empty_frac"] = empty / planes  # of the maps computed by this start
         if cache.hits + cache.misses:
             result["maps/cache_hit_rate"] = cache.hits / (cache.hits + cache.misses)
+            result["maps/cache_peak_mb"] = cache.peak / 2**20  # never above localize.cache_mb
         thresholds = cfg.evaluate.bg_sweep  # the same sweep as `mcis evaluate` on maps
         quality = maps_quality(samples, maps_dir, cfg.data.root, names, thresholds)
         if quality is not None:
