@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -15,7 +16,11 @@ import torch.distributed as dist
 from mcis_cli.errors import McisError
 from mcis_cli.files import atomic_path
 
+if TYPE_CHECKING:
+    from mcis_cli.config import Config
+
 T = TypeVar("T")
+OOM_MARKERS = ("can't allocate memory", "out of memory")  # torch's CPU allocator; CUDA, cuDNN
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -66,6 +71,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise McisError(f"refusing to load {path}: not a plain weights file ({first[:160]})") from None
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a failed allocation: torch reports one as a RuntimeError (CPU) or its
+    subclass torch.cuda.OutOfMemoryError, numpy as MemoryError."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MARKERS))
+
+
+def memory_guarded(describe: Callable[[Config], tuple[str, str, str]]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorate a stage's `run(cfg, ...)`: a failed allocation anywhere in it becomes one McisError
+    line naming the stage, the size it ran at and the setting to lower, `describe(cfg)` ->
+    (stage, size, setting), instead of a traceback from deep inside torch."""
+
+    def wrap(run: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(run)
+        def guarded(cfg: Config, *args: Any, **kwargs: Any) -> T:
+            try:
+                return run(cfg, *args, **kwargs)
+            except (RuntimeError, MemoryError) as exc:
+                if not out_of_memory(exc):
+                    raise
+                stage, size, setting = describe(cfg)
+                where = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "host"
+                raise McisError(f"{stage}: out of {where} memory at {size} (device {cfg.device}); "
+                                f"lower {setting}") from None
+
+        return guarded
+
+    return wrap
 
 
 def rng_state() -> dict[str, Any]:

@@ -239,6 +239,13 @@ def train(cfg: Config, trainer: Trainer, train_set: ClassifyDataset, val_loader:
     return metrics, step
 
 
+def _memory(cfg: Config) -> tuple[str, str, str]:
+    c = cfg.classify
+    views = " and its self-pair views" if c.self_pairs else ""
+    return STAGE, f"{c.batch_size} pairs of {c.input_size} px{views}, width {c.width}", "classify.batch_size"
+
+
+@runtime.memory_guarded(_memory)
 def run(cfg: Config, resume: str | None = None, parent: Nest | None = None) -> StageResult:
     """Train (or with `resume`, continue) a classifier; log to MLflow; return the summary."""
     c = cfg.classify

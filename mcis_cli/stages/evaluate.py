@@ -245,6 +245,13 @@ def _inputs(cfg: Config, source: tracking.SourceRun, samples, names) -> tuple:
     return (folder,)
 
 
+def _memory(cfg: Config) -> tuple[str, str, str]:
+    ev = cfg.evaluate
+    windows = f"{ev.window} px windows" if ev.window else "whole images"
+    return "evaluate", f"{windows} at scales up to {max(ev.scales)}", "evaluate.window or the largest evaluate.scales"
+
+
+@runtime.memory_guarded(_memory)
 def run(cfg: Config, from_run: str | None = None, split: str | None = None,
         parent: tracking.Nest | None = None) -> StageResult:
     """Score the given run (default: the method's newest finished segment run) on `split` (default: the

@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 from torch.export import Dim
 
-from mcis_cli import __version__, artifacts, metrics, tracking
+from mcis_cli import __version__, artifacts, metrics, runtime, tracking
 from mcis_cli.config import Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
@@ -248,6 +248,11 @@ def _describe(path: Path) -> str:
         return "a file that is not an mcis model"
 
 
+def _memory(cfg: Config) -> tuple[str, str, str]:
+    return "export", f"parity sizes {cfg.export.parity_sizes}", "export.parity_sizes"
+
+
+@runtime.memory_guarded(_memory)
 def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
         parent: tracking.Nest | None = None, ceiling: bool = False) -> StageResult:
     """Export the segment run's model, verify it, log it and register it in MLflow.

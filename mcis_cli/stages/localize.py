@@ -324,6 +324,14 @@ def _check(cfg: Config, meta: dict | None = None, names: Sequence[str] = ()) -> 
                         f"{len(names)}; localize with the dataset the classifier was trained on")
 
 
+def _memory(cfg: Config) -> tuple[str, str, str]:
+    lc = cfg.localize
+    size = f"{lc.input_size} px" if lc.input_size else "the classifier's size"
+    return ("localize", f"batches of {lc.batch_size} at {size} with a {lc.cache_mb} MB feature cache",
+            "localize.batch_size or localize.cache_mb")
+
+
+@runtime.memory_guarded(_memory)
 def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None = None) -> StageResult:
     _check(cfg)
     runtime.seed_everything(cfg.seed)

@@ -271,6 +271,12 @@ def train_loop(cfg: Config, trainer: training.Trainer, net: nn.Module, batches: 
 
 
 # ---- the stage ----------------------------------------------------------------------------
+def _memory(cfg: Config) -> tuple[str, str, str]:
+    seg = cfg.segment
+    return STAGE, f"batch {seg.batch_size} of {seg.crop} px crops, width {seg.width}", "segment.batch_size or segment.crop"
+
+
+@runtime.memory_guarded(_memory)
 def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume: str | None = None,
         parent: tracking.Nest | None = None) -> StageResult:
     """Train the segmenter; `labels="gt"` trains on ground-truth masks, the supervised ceiling.
