@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from benchmarks import bench_fullscale as bench
 from benchmarks import scratch_store
 from mcis_cli import tracking
 from mcis_cli.config import Config
@@ -24,3 +27,21 @@ def test_scratch_store_keeps_runs_and_artifacts_out_of_the_working_directory(tmp
     assert list(tmp_path.iterdir()) == []  # no mlruns/, no mlflow.db, no runs/ here
     assert Path.cwd() == tmp_path
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///user-store-must-stay-untouched.db"
+
+
+def test_fullscale_projection_arithmetic():
+    assert bench.project(2.5, 14_400) == pytest.approx(10.0)  # 2.5 s x 14,400 = 36,000 s = 10 h
+    cfg = Config(name="b", data={"root": "voc"}, classify={"batch_size": 5, "epochs": 15},
+                 segment={"iters": 15_000})
+    units = bench.budget(cfg)
+    assert units["classify"] == 15 * 2_117  # ceil(10,582 / 5) steps an epoch, the last of 2 pairs
+    assert (units["localize"], units["pseudolabel"], units["segment"], units["evaluate"]) == (
+        10_582, 10_582, 15_000, 1_449)
+    assert bench._sets(["fullscale", "--set", "device=cuda", "--set", "segment.amp=true"]) == [
+        "device=cuda", "segment.amp=true"]
+
+
+def test_fullscale_disk_scales_only_the_per_image_files():
+    written = {"disk": 1_000 + 2 * 10 * 50}  # a fixed 1,000 bytes + 2 copies of 10 files of 50 bytes
+    assert bench._disk(written, 100, 50.0, 2) == 1_000 + 2 * 100 * 50
+    assert bench._disk({"disk": 7}, 15_000, None, 0) == 7  # a checkpoint: the same whatever the count
