@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -102,7 +103,12 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def dist_timeout() -> float:
+    """How long a rank waits for the others (MCIS_DIST_TIMEOUT, seconds)."""
     try:
         seconds = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
     except ValueError:
@@ -185,10 +191,6 @@ def open_run(cfg: Config, stage: str, **options: Any) -> Iterator[tuple[Tracker 
 
 
 # ---- sharded work: split, wait, merge -------------------------------------------------------
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def shard(items: Sequence[T], weights: Sequence[float] | None = None) -> list[T]:
     """This rank's share of `items`, in list order: heaviest first to the least loaded rank (ties
     to the earlier item, the lower rank). Every rank computes the same split of the same list, so
@@ -247,8 +249,9 @@ def settle(stage: str) -> None:
         missing = [r for r, key in enumerate(keys) if not store.check([key])]
     except RuntimeError:
         missing = [0]
-    command = " ".join(["mcis", *sys.argv[1:]])
-    raise McisError(f"{stage}: rank {', '.join(map(str, missing))} of {size} stopped before its share was "
+    command = shlex.join(["mcis", *sys.argv[1:]])
+    ranks = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}"
+    raise McisError(f"{stage}: {ranks} of {size} stopped before its share was "
                     f"done (waited up to {dist_timeout():.0f} s, {TIMEOUT_ENV}); every file written is "
                     f"complete: start `{command}` again, alone or under torchrun with any number of "
                     "processes") from None
