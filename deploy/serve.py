@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from mcis_cli import tracking
+from mcis_cli import predict, tracking
 from mcis_cli.errors import McisError
-from mcis_cli import predict
 from mcis_cli.serving import read_metadata
 
 SETTLE_SECONDS = 2.0  # a file modified more recently may still be being copied in

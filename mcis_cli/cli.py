@@ -160,12 +160,15 @@ def config_show(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("data.root=
 
 # ---- stages -------------------------------------------------------------------------------
 def stage_command(command):
-    """A stage's command: it returns the stage's result, printed as a summary table. The stage
-    module is imported only when its command runs, so `mcis --help` does not load torch."""
+    """A stage's command: it returns the stage's result, printed as a summary table (by rank 0
+    alone under torchrun). The stage module is imported only when its command runs, so
+    `mcis --help` does not load torch."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        _summary(command.__name__, command(*args, **kwargs))
+        result = command(*args, **kwargs)
+        if os.environ.get("RANK", "0") == "0":
+            _summary(command.__name__, result)
 
     return app.command()(friendly(wrapper))
 

@@ -3,6 +3,10 @@
 Like IRN's run_sample.py, this is only a driver: each step calls a stage's `run(...)`. A step whose
 nested run already FINISHED under an unfinished parent of the same config is reused, so a re-run
 after a failure resumes from the last finished step (ablation steps included).
+
+Under torchrun every rank walks the same steps: rank 0 alone opens the parent run (the others
+nest nothing, as in each stage) and runs `export`, which is one process's work; the others take
+its result.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from mcis_cli import reporting, tracking
+from mcis_cli import reporting, runtime, tracking
 from mcis_cli.config import Config
 from mcis_cli.errors import McisError
 from mcis_cli.progress import out
@@ -57,13 +61,20 @@ class Steps:
 
     def __init__(self, parent_id: str, done: dict[str, tracking.SourceRun]):
         self.parent_id, self.done = parent_id, done
+        self.main = runtime.is_main()
 
-    def __call__(self, name: str, call: Callable[[tracking.Nest], StageResult], **tags: str) -> StageResult:
+    def __call__(self, name: str, call: Callable[[tracking.Nest], StageResult], *, main_only: bool = False,
+                 **tags: str) -> StageResult:
+        """`main_only`: a one-process stage, run by rank 0 only; every rank gets its result."""
         if name in self.done:
-            out.print(f"[dim]{name}: reusing finished run {self.done[name].run_id}[/]")
+            if self.main:
+                out.print(f"[dim]{name}: reusing finished run {self.done[name].run_id}[/]")
             return StageResult(self.done[name].run_id, self.done[name].metrics)
-        out.rule(f"[bold]{name}")
-        return call(tracking.Nest(self.parent_id, name, tags))
+        if self.main:
+            out.rule(f"[bold]{name}")
+        if not main_only:
+            return call(tracking.Nest(self.parent_id, name, tags))
+        return runtime.broadcast(call(tracking.Nest(self.parent_id, name, tags)) if self.main else None)
 
 
 def method_steps(cfg: Config, step: Steps) -> dict[str, StageResult]:
@@ -76,7 +87,7 @@ def method_steps(cfg: Config, step: Steps) -> dict[str, StageResult]:
     r["pseudolabel"] = step("pseudolabel", lambda p: pseudolabel.run(cfg, from_run=r["localize"].run_id, parent=p))
     r["segment"] = step("segment", lambda p: segment.run(cfg, from_run=r["pseudolabel"].run_id, parent=p))
     r["evaluate"] = step("evaluate", lambda p: evaluate.run(cfg, from_run=r["segment"].run_id, parent=p))
-    r["export"] = step("export", lambda p: export.run(cfg, from_run=r["segment"].run_id, parent=p))
+    r["export"] = step("export", lambda p: export.run(cfg, from_run=r["segment"].run_id, parent=p), main_only=True)
     if not cfg.pipeline.baselines:
         return r
     cam = cam_baseline(cfg)
@@ -102,22 +113,28 @@ def setting1_metrics(cfg: Config) -> dict[str, float] | None:
 
 
 def run(cfg: Config, ablation: bool = False) -> dict[str, StageResult]:
-    ensure_data(cfg)
+    runtime.init_distributed(cfg.device)
+    runtime.rank_zero_first(lambda: ensure_data(cfg))
+    main = runtime.is_main()
     digest = config_hash(cfg)
-    unfinished = tracking.find_runs(cfg, "pipeline", finished=False, **{"mcis.config_hash": digest})
+    unfinished = tracking.find_runs(cfg, "pipeline", finished=False, **{"mcis.config_hash": digest}) if main else []
     resume = unfinished[0].run_id if unfinished else None
     started = time.time()
-    with tracking.stage_run(cfg, "pipeline", resume=resume, run_name="pipeline") as parent:
-        parent.set_tags({"mcis.config_hash": digest})
-        done = tracking.finished_children(cfg, parent.run_id, tracking.STEP_TAG) if resume else {}
-        step = Steps(parent.run_id, done)
+    with runtime.open_run(cfg, "pipeline", resume=resume, run_name="pipeline") as (parent, parent_id):
+        if parent:
+            parent.set_tags({"mcis.config_hash": digest})
+        done = tracking.finished_children(cfg, parent_id, tracking.STEP_TAG) if resume else {}
+        step = Steps(parent_id, runtime.broadcast(done))
         results = method_steps(cfg, step)
-        rows = result_rows(results, setting1_metrics(cfg), cfg.pipeline.compare_to)
-        table = results_table(rows)
-        parent.log_metrics({key: value for _, key, value in rows if value is not None}, step=0)
-        parent.log_text(reporting.markdown(table), "results.md")
+        if parent:
+            rows = result_rows(results, setting1_metrics(cfg), cfg.pipeline.compare_to)
+            table = results_table(rows)
+            parent.log_metrics({key: value for _, key, value in rows if value is not None}, step=0)
+            parent.log_text(reporting.markdown(table), "results.md")
         if ablation:
             ablation_table = run_ablation(cfg, step, parent, results)
+    if not main:
+        return results
     out.print(table)
     if ablation:
         out.print(ablation_table)
@@ -186,9 +203,10 @@ def ablation_variants(cfg: Config) -> list[Variant]:
     ]
 
 
-def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker,
+def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker | None,
                  results: dict[str, StageResult]) -> Table:
-    """Train, localize and pseudo-label every variant for every seed; log the spread and a chart.
+    """Train, localize and pseudo-label every variant for every seed; log the spread and a chart
+    (rank 0, the parent's holder).
 
     A classifier is trained once per (classify section, seed): the partner-count variants share
     one, and the pipeline's own classify runs serve the variants they equal at the config's seed.
@@ -217,6 +235,8 @@ def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker,
             per["maps"].append(maps.metrics["maps/miou"])
             per["pseudo"].append(pseudo.metrics["pseudo/miou"])
     table = ablation_table(scores, len(cfg.pipeline.ablation_seeds))
+    if parent is None:
+        return table
     for v in variants:
         for what, values in scores[v.name].items():
             parent.log_metrics({f"ablation/{v.key}/{what}_miou_mean": float(np.mean(values)),

@@ -5,7 +5,11 @@ from __future__ import annotations
 import functools
 import os
 import random
-from collections.abc import Callable
+import shlex
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,9 +22,12 @@ from mcis_cli.files import atomic_path
 
 if TYPE_CHECKING:
     from mcis_cli.config import Config
+    from mcis_cli.tracking import Tracker
 
 T = TypeVar("T")
 OOM_MARKERS = ("can't allocate memory", "out of memory")  # torch's CPU allocator; CUDA, cuDNN
+TIMEOUT_ENV = "MCIS_DIST_TIMEOUT"  # seconds a rank waits for the others (a machine's setting, not a run's)
+DEFAULT_TIMEOUT = 1800.0  # torch's own default for gloo
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -128,15 +135,40 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def dist_timeout() -> float:
+    """How long a rank waits for the others (MCIS_DIST_TIMEOUT, seconds)."""
+    try:
+        seconds = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise McisError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {os.environ[TIMEOUT_ENV]!r}")
+    return seconds
+
+
+_STORE: list[Any] = []  # the rendezvous store of this process's group, for `settle`
+
+
 def init_distributed(device_name: str) -> bool:
-    """Join the torchrun process group when launched by torchrun; gloo on CPU, nccl on GPU."""
+    """Join the torchrun process group when launched by torchrun; gloo on CPU, nccl on GPU.
+    Every collective gives up after MCIS_DIST_TIMEOUT seconds, so a rank that is gone never
+    leaves the others waiting for ever; the store is kept for `settle`."""
     rank, size = world()
     if size == 1 or dist.is_initialized():
         return dist.is_initialized()
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=size)
+    timeout = timedelta(seconds=dist_timeout())
+    store, rank, size = next(dist.rendezvous("env://", rank, size, timeout=timeout))
+    store.set_timeout(timeout)
+    dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=size,
+                            timeout=timeout)
+    _STORE[:] = [store]
     return True
 
 
@@ -154,7 +186,7 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
 
 
@@ -170,10 +202,88 @@ def rank_zero_first(fetch: Callable[[], T]) -> T:
     return result
 
 
-def broadcast_str(value: str) -> str:
-    """Rank 0's string on every rank (run ids, paths)."""
-    if not (dist.is_available() and dist.is_initialized()):
+def broadcast(value: T) -> T:
+    """Rank 0's value (run ids, paths, small picklable objects) on every rank."""
+    if not distributed():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextmanager
+def open_run(cfg: Config, stage: str, **options: Any) -> Iterator[tuple[Tracker | None, str]]:
+    """(tracker, run id): rank 0 opens the stage's run (`tracking.stage_run` with `options`), the
+    other ranks get None and rank 0's run id."""
+    from mcis_cli import tracking
+
+    main = is_main()
+    with (tracking.stage_run(cfg, stage, **options) if main else nullcontext()) as tracker:
+        yield tracker, broadcast(tracker.run_id if main else "")
+
+
+# ---- sharded work: split, wait, merge -------------------------------------------------------
+def shard(items: Sequence[T], weights: Sequence[float] | None = None) -> list[T]:
+    """This rank's share of `items`, in list order: heaviest first to the least loaded rank (ties
+    to the earlier item, the lower rank). Every rank computes the same split of the same list, so
+    the shares cover it once, whatever the number of ranks."""
+    rank, size = world() if distributed() else (0, 1)
+    if size == 1:
+        return list(items)
+    weights = [1.0] * len(items) if weights is None else weights
+    load = [0.0] * size
+    owner = [0] * len(items)
+    for i in sorted(range(len(items)), key=lambda i: (-weights[i], i)):
+        owner[i] = min(range(size), key=lambda r: (load[r], r))
+        load[owner[i]] += weights[i]
+    return [item for item, r in zip(items, owner, strict=True) if r == rank]
+
+
+def all_sum(array: np.ndarray) -> np.ndarray:
+    """`array` summed over the ranks (int64 counts stay exact), on every rank."""
+    if not distributed():
+        return array
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return tensor.cpu().numpy()
+
+
+def gather(values: list[T]) -> list[T]:
+    """Every rank's list of picklable `values`, concatenated in rank order, on every rank."""
+    if not distributed():
+        return values
+    parts: list[list[T]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+_SETTLED = [0]  # how many `settle` calls this process has made: each waits on keys of its own
+
+
+def settle(stage: str) -> None:
+    """Wait until every rank has done its share: a rank that is gone (killed, crashed) stops the
+    others in one line naming it and the command to start again, after MCIS_DIST_TIMEOUT."""
+    if not distributed():
+        return
+    rank, size = dist.get_rank(), dist.get_world_size()
+    _SETTLED[0] += 1
+    keys = [f"mcis/settle/{_SETTLED[0]}/{r}" for r in range(size)]
+    store = _STORE[0]
+    try:
+        store.set(keys[rank], "done")
+        store.wait(keys)
+        return
+    except RuntimeError:  # the store's timeout, or its host (rank 0 or torchrun) is gone
+        pass
+    try:
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+    except RuntimeError:
+        missing = [0]
+    command = shlex.join(["mcis", *sys.argv[1:]])
+    ranks = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}"
+    raise McisError(f"{stage}: {ranks} of {size} stopped before its share was "
+                    f"done (waited up to {dist_timeout():.0f} s, {TIMEOUT_ENV}); every file written is "
+                    f"complete: start `{command}` again, alone or under torchrun with any number of "
+                    "processes") from None

@@ -9,8 +9,8 @@ loop does the same way is written here once.
 - the resume state: model, optimizer, GradScaler, every rank's RNG state and the stage's progress
   counters, so that a resumed run continues bit-exactly.
 
-Only rank 0 opens the MLflow run and writes files; the other ranks have no tracker (None). The
-rank-0 guards of a step's metrics and of a file's writing and upload are here; the stages guard
+Only rank 0 opens the MLflow run (`runtime.open_run`) and writes files; the other ranks have no
+tracker (None). The rank-0 guards of a step's metrics and of a file's writing and upload are here; the stages guard
 only their own rank-0 work (validation, the run's tags).
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,15 +49,6 @@ def start(cfg: Config, stage: str, batch_size: int,
     device = runtime.select_device(cfg.device)
     runtime.seed_everything(cfg.seed, cfg.deterministic)
     return prior, device
-
-
-@contextmanager
-def open_run(cfg: Config, stage: str, **options: Any) -> Iterator[tuple[tracking.Tracker | None, str]]:
-    """(tracker, run id): rank 0 opens the stage's run (`tracking.stage_run` with `options`), the
-    other ranks get None and rank 0's run id."""
-    main = runtime.is_main()
-    with (tracking.stage_run(cfg, stage, **options) if main else nullcontext()) as tracker:
-        yield tracker, runtime.broadcast_str(tracker.run_id if main else "")
 
 
 def loader_options(cfg: Config, device: torch.device) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
 from mcis_cli.stages import evaluate
 from mcis_cli.tta import predict_probs
+from tests import ranks
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("red", "green", "blue")
@@ -354,3 +355,40 @@ def test_segment_runs_with_and_without_crf_and_the_ceiling(root, store):
     assert tracking.get_run(cfg, scored.run_id, "evaluate").tags[tracking.SOURCE_TAG] == weak
     assert scored.metrics["ceiling_miou"] == pytest.approx(crf.metrics["miou"])
     assert scored.metrics["ceiling_fraction"] == pytest.approx(scored.metrics["miou"] / crf.metrics["miou"])
+
+
+# ---- under torchrun ----------------------------------------------------------------------
+def _same_scores(cfg, one: str, two: str) -> None:
+    mlc = tracking.client()
+    a, b = mlc.get_run(one).data.metrics, mlc.get_run(two).data.metrics
+    assert a == b and "miou" in a and "iou/red" in a  # mIoU and per-class IoU to the last digit
+    curves = [[m.value for m in mlc.get_metric_history(run, "sweep/miou")] for run in (one, two)]
+    assert curves[0] == curves[1]
+    csv = [tracking.get_run(cfg, run, "evaluate").fetch("confusion.csv").read_text() for run in (one, two)]
+    assert csv[0] == csv[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_score_as_one_with_the_crf_pool_per_rank(root, store):
+    from mcis_cli.artifacts import save_maps
+    from mcis_cli.stages import segment
+
+    extra = {"name": "eval2", "evaluate.scales": "[1.0, 1.5]", "evaluate.save_masks": True}
+    cfg = _config(root, store, **extra)
+    rng = np.random.default_rng(3)
+    for sample in voc.split_samples(root, "train_aug"):
+        gt = voc.load_mask(root, sample.id)
+        classes = [c for c in range(3) if (gt == c + 1).any()]
+        save_maps(store / "maps2" / f"{sample.id}.npz", rng.random((len(classes), *gt.shape)), classes)
+    sources = [segment.run(cfg, labels="gt").run_id, _fake_run(cfg, "localize", store / "maps2", "maps")]
+    for source in sources:
+        one = evaluate.run(cfg, from_run=source)
+        done = ranks.torchrun(["evaluate", "--config", str(REPO / "configs" / "toy.yaml"), "--from-run", source,
+                               *sum((["--set", s] for s in _overrides(root, store, **extra)), [])])
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs = tracking.find_runs(cfg, "evaluate", **{tracking.SOURCE_TAG: source})
+        assert len(runs) == 2  # rank 1 opened no run of its own
+        _same_scores(cfg, one.run_id, runs[0].run_id)
+        masks = [sorted(Path(tracking.workdir(cfg, r.run_id), "masks").glob("*.png")) for r in runs]
+        assert [p.name for p in masks[0]] == [p.name for p in masks[1]] and masks[0]
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(*masks, strict=True))

@@ -15,6 +15,7 @@ from mcis_cli.data import voc
 from mcis_cli.errors import McisError
 from mcis_cli.models.mcis import MCISNet
 from mcis_cli.stages import localize
+from tests import ranks
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 SIZE = 32  # classifier input: 4x4 features, fast on two cores
@@ -175,14 +176,16 @@ def _classify_run(cfg, tmp_path: Path, num_classes: int, method: str = "mcis") -
     return tracker.run_id
 
 
+def _sets(toy_root, tmp_path) -> list[str]:
+    return ["name=loctest", "device=cpu", f"output_dir={tmp_path / 'runs'}", f"data.root={toy_root}",
+            "localize.partners=1", "localize.batch_size=8", "tracking.flush_every=1"]
+
+
 @pytest.fixture
 def stage_cfg(toy_root, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
-    return load_config(CONFIG, [
-        "name=loctest", "device=cpu", f"output_dir={tmp_path / 'runs'}", f"data.root={toy_root}",
-        "localize.partners=1", "localize.batch_size=8", "tracking.flush_every=1",
-    ])
+    return load_config(CONFIG, _sets(toy_root, tmp_path))
 
 
 @pytest.mark.slow
@@ -223,6 +226,75 @@ def test_stage_writes_maps_reports_quality_and_completes_a_killed_run(stage_cfg,
     for sample in samples[:5]:
         np.testing.assert_array_equal(artifacts.load_maps(maps_dir / f"{sample.id}.npz")[0],
                                       artifacts.load_maps(other / f"{sample.id}.npz")[0])
+
+
+# rank 1 kills itself (SIGKILL) as it is about to write its third file
+DYING_RANK = """
+import os, signal, sys
+from mcis_cli.cli import main
+from mcis_cli.stages import localize
+from tests import ranks
+real, written = localize.save_maps, []
+def save(*args):
+    if os.environ["RANK"] == "1" and len(written) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(*args)
+    written.append(args[0])
+localize.save_maps = save
+sys.argv[0] = "mcis"
+main()
+"""
+
+
+def _all_maps(run: tracking.SourceRun) -> dict[str, np.ndarray]:
+    return {p.stem: artifacts.load_maps(p)[0] for p in sorted(run.fetch("maps").glob("*.npz"))}
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_maps_of_one_and_one_process_completes_a_killed_rank(
+        stage_cfg, toy_root, tmp_path):
+    classify_id = _classify_run(stage_cfg, tmp_path, len(voc.class_names(toy_root)))
+    samples = voc.train_samples(stage_cfg.data)
+    one = localize.run(stage_cfg, from_run=classify_id)
+    args = ["localize", "--config", str(CONFIG), "--from-run", classify_id]
+    args += [a for s in _sets(toy_root, tmp_path) for a in ("--set", s)]
+    done = ranks.torchrun(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = tracking.find_runs(stage_cfg, "localize")
+    assert len(runs) == 2  # rank 1 opened no run of its own
+    two, single = runs[0], tracking.resolve_run(stage_cfg, "localize", one.run_id)
+    reference = _all_maps(single)
+    assert len(reference) == len(samples)
+    for image_id, maps in _all_maps(two).items():
+        assert np.abs(maps.astype(np.float32) - reference[image_id]).max() <= 1e-6
+    assert _all_maps(two).keys() == reference.keys()
+    for key, value in single.metrics.items():
+        if key != "maps/cache_hit_rate":  # each rank has a cache of its own
+            assert two.metrics[key] == value, key
+    mlc = tracking.client()
+    assert ([m.value for m in mlc.get_metric_history(two.run_id, "maps/sweep_miou")]
+            == [m.value for m in mlc.get_metric_history(single.run_id, "maps/sweep_miou")])
+
+    # no agent to stop rank 0 when rank 1 dies: it waits MCIS_DIST_TIMEOUT, then says so in one line
+    killed = ranks.by_hand(DYING_RANK, args, MCIS_DIST_TIMEOUT="15")
+    assert killed[1].returncode == -9
+    assert killed[0].returncode == 2 and "Traceback" not in killed[0].stderr, killed[0].stderr[-3000:]
+    line = killed[0].stderr.strip().splitlines()[-1]
+    assert "rank 1 of 2 stopped" in line and "start `mcis localize --config" in line
+    failed = tracking.find_runs(stage_cfg, "localize", finished=False)
+    assert len(failed) == 1
+    partial = tracking.workdir(stage_cfg, failed[0].run_id) / artifacts.MAPS
+    assert 2 <= len(list(partial.glob("*.npz"))) < len(samples)
+    assert not list(partial.glob(".*"))  # nothing half-written
+
+    resumed = localize.run(stage_cfg, from_run=classify_id)  # one process writes what is missing
+    assert resumed.run_id == failed[0].run_id
+    run = tracking.resolve_run(stage_cfg, "localize", resumed.run_id)
+    assert 0 < run.metrics["maps/computed"] < len(samples)
+    maps = _all_maps(run)
+    assert maps.keys() == reference.keys()
+    for image_id, m in maps.items():
+        np.testing.assert_array_equal(m, reference[image_id])
 
 
 def test_stage_refuses_mcis_maps_from_a_cam_checkpoint(stage_cfg, toy_root, tmp_path):

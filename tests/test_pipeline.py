@@ -13,6 +13,7 @@ from mcis_cli import pipeline, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import load_config
 from mcis_cli.stages import StageResult, export
+from tests import ranks
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["classify", "localize", "pseudolabel", "segment", "evaluate", "export",
@@ -204,3 +205,20 @@ def test_setting_configs_add_their_list_and_keep_the_budget_per_image(name):
     assert cfg.classify.epochs == base.classify.epochs
     same = {k: v for k, v in cfg.flat().items() if not k.startswith(("data.", "segment.iters", "name", "pipeline."))}
     assert same == {k: v for k, v in base.flat().items() if k in same}
+
+
+@pytest.mark.slow
+def test_pipeline_under_torchrun_nests_every_step_under_rank_0s_parent(tmp_path, toy_root, store):
+    config = tiny_config(tmp_path, toy_root, "e2e-ranks", pipeline={"baselines": False})
+    done = ranks.torchrun(["pipeline", "--config", str(config)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    mlc = MlflowClient(tracking.tracking_uri())
+    [parent] = _pipeline_runs(mlc, "e2e-ranks")  # rank 1 opened no parent of its own
+    assert parent.info.status == "FINISHED"
+    children = _children(mlc, parent.info.run_id)
+    assert sorted(children) == sorted(STEPS[:6])
+    experiment = mlc.get_experiment_by_name("e2e-ranks").experiment_id
+    assert len(mlc.search_runs([experiment])) == 7  # nor any step's run
+    assert all(run.info.status == "FINISHED" for run in children.values())
+    assert children["classify"].data.params["world_size"] == "2"
+    assert done.stdout.count("pipeline finished") == 1  # rank 0 reports

@@ -16,6 +16,7 @@ from mcis_cli.config import PseudolabelCfg, load_config
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
 from mcis_cli.stages import pseudolabel as pl
+from tests import ranks
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 P = PseudolabelCfg()  # the official thresholds: att 0.95, fg 0.3, conflict 0.99, bg 32/255, min_fg 1%
@@ -207,3 +208,37 @@ def test_written_masks_do_not_depend_on_ground_truth(toy_root: Path, tmp_path):
         b = transforms.read_index_png(tmp_path / "bare" / f"{sample.id}.png")
         np.testing.assert_array_equal(a, b)
         assert outcomes["gt", sample.id].cm is not None and outcomes["bare", sample.id].cm is None
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_masks_and_numbers_of_one(toy_root: Path, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    sets = ["name=pseudo2", "device=cpu", f"output_dir={tmp_path / 'runs'}", f"data.root={toy_root}",
+            "pseudolabel.saliency=computed", "pseudolabel.sweep=[0.2,0.3,0.5]", "tracking.flush_every=1"]
+    cfg = load_config(CONFIG, sets)
+    rng = np.random.default_rng(0)
+    for sample in voc.train_samples(cfg.data):
+        h, w = transforms.load_image(sample.image).shape[:2]
+        artifacts.save_maps(tmp_path / "maps" / f"{sample.id}.npz",
+                            rng.random((len(sample.labels), h, w)).astype(np.float32), sample.labels)
+    with tracking.stage_run(cfg, "localize") as tracker:
+        tracker.log_artifacts(tmp_path / "maps", artifacts.MAPS)
+    one = pl.run(cfg, from_run=tracker.run_id)
+    done = ranks.torchrun(["pseudolabel", "--config", str(CONFIG), "--from-run", tracker.run_id,
+                           *(a for s in sets for a in ("--set", s))])
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = tracking.find_runs(cfg, "pseudolabel")
+    assert len(runs) == 2  # rank 1 opened no run of its own
+    two, single = runs[0], tracking.resolve_run(cfg, "pseudolabel", one.run_id)
+    a, b = (sorted(r.fetch("pseudo").glob("*.png")) for r in (single, two))
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 48
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))
+    assert two.metrics == single.metrics  # mIoU, per class, precision / recall, ignored, saliency
+    assert {"pseudo/miou", "saliency/fmeasure", "saliency/mae"} <= set(two.metrics)
+    mlc = tracking.client()
+    for key in ("sweep/miou", "sweep/ignore_frac"):
+        assert ([m.value for m in mlc.get_metric_history(two.run_id, key)]
+                == [m.value for m in mlc.get_metric_history(single.run_id, key)])
+    assert (two.fetch("pseudo_confusion.csv").read_text()
+            == single.fetch("pseudo_confusion.csv").read_text())

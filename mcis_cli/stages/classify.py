@@ -260,7 +260,7 @@ def run(cfg: Config, resume: str | None = None, parent: Nest | None = None) -> S
     trainer = Trainer(cfg, len(classes), device, imagenet=c.pretrained and not resume)
     val_loader = DataLoader(val_set, batch_size=c.batch_size, **training.loader_options(cfg, device))
 
-    with training.open_run(cfg, STAGE, resume=resume, parent=parent) as (tracker, run_id):
+    with runtime.open_run(cfg, STAGE, resume=resume, parent=parent) as (tracker, run_id):
         out = Path(cfg.output_dir) / run_id
         state = trainer.resume(cfg, prior, _rank_zero_rng) if prior else None
         if prior and not state and c.pretrained:  # killed before its first checkpoint

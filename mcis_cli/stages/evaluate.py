@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,40 +69,57 @@ def _require(paths: Iterable[Path], what: str, hint: str) -> None:
         raise McisError(f"{len(missing)} images have no {what} (first: {missing[0]}); {hint}")
 
 
+def _pixels(sample: voc.Sample) -> int:
+    """An image's pixel count from its header: what scoring it costs."""
+    from PIL import Image
+
+    with Image.open(sample.image) as image:
+        return image.width * image.height
+
+
 def _tally(
-    items: Iterator[tuple[voc.Sample, np.ndarray, np.ndarray]], total: int, num_classes: int,
-    shown: set[str], masks_dir: Path | None, ignore_pred: bool = False,
+    samples: Sequence[voc.Sample], items: Callable[[list[voc.Sample]], Iterator[tuple[voc.Sample, np.ndarray, np.ndarray]]],
+    num_classes: int, shown: set[str], masks_dir: Path | None, ignore_pred: bool = False,
 ) -> tuple[np.ndarray, list, float]:
-    """Confusion matrix of (sample, gt, pred) items with a progress bar; keeps the overlays,
-    writes the masks when asked. Returns (cm, overlays, fraction of pixels predicted 255)."""
+    """Confusion matrix of the (sample, gt, pred) `items(share)` with a progress bar; keeps the
+    overlays, writes the masks when asked. Returns (cm, overlays, fraction of pixels predicted
+    255). Under torchrun each rank scores its share of `samples` (balanced by pixels); the counts
+    are summed over the ranks (the int64 matrix all-reduced) and the overlays gathered in order."""
+    mine = runtime.shard(samples, [_pixels(s) for s in samples]) if runtime.distributed() else samples
     cm = np.zeros((num_classes, num_classes), np.int64)
     overlays, ignored, pixels = [], 0, 0
     with work_progress() as bar:
-        task = bar.add_task("evaluate", total=total)
-        for sample, gt, pred in items:
+        bar.disable = not runtime.is_main()
+        task = bar.add_task("evaluate", total=len(mine))
+        for sample, gt, pred in items(mine):
             cm += metrics.confusion_matrix(pred, gt, num_classes, ignore_pred=ignore_pred)
             ignored += int((pred == transforms.IGNORE).sum())
             pixels += pred.size
             if sample.id in shown:
-                overlays.append((transforms.load_image(sample.image), gt, pred))
+                overlays.append((sample.id, (transforms.load_image(sample.image), gt, pred)))
             if masks_dir is not None:
                 transforms.save_palette_png(masks_dir / f"{sample.id}.png", pred)
             bar.advance(task)
-    return cm, overlays, ignored / max(pixels, 1)
+    runtime.settle("evaluate")
+    ignored, pixels = runtime.all_sum(np.array([ignored, pixels]))
+    order = {s.id: i for i, s in enumerate(samples)}
+    overlays = [o for _, o in sorted(runtime.gather(overlays), key=lambda o: order[o[0]])]
+    return runtime.all_sum(cm), overlays, ignored / max(pixels, 1)
 
 
 # ---- the three scorers -------------------------------------------------------------------
 def _score_segment(cfg: Config, model, meta: dict, samples, names, shown, masks_dir) -> Scored:
-    """Multi-scale + flip inference, then (optionally) the CRF in worker processes; the CRF runs
-    on images already predicted while the next ones go through the network."""
+    """Multi-scale + flip inference, then (optionally) the CRF in worker processes (a pool per
+    rank under torchrun); the CRF runs on images already predicted while the next ones go
+    through the network."""
     ev, root, k = cfg.evaluate, cfg.data.root, len(names)
     device = runtime.select_device(cfg.device)
     model.to(device).eval()
     plain = np.zeros((k, k), np.int64)
     waiting: deque = deque()
 
-    def predictions():
-        for sample in samples:
+    def predictions(share):
+        for sample in share:
             image = transforms.load_image(sample.image)
             gt = voc.load_mask(root, sample.id)
             probs = predict_probs(model, image, ev.scales, ev.flip, ev.window, device,
@@ -113,18 +130,19 @@ def _score_segment(cfg: Config, model, meta: dict, samples, names, shown, masks_
             waiting.append((sample, gt, pred))
             yield image, probs
 
-    if ev.crf:
-        refined = crf_map(predictions(), ev.crf_params, ev.jobs, argmax=True)
-        items = ((*waiting.popleft()[:2], pred) for pred in refined)
-    else:
-        items = (waiting.popleft() for _ in predictions())
-    cm, overlays, _ = _tally(items, len(samples), k, shown, masks_dir)
+    def items(share):
+        if ev.crf:
+            refined = crf_map(predictions(share), ev.crf_params, ev.jobs, argmax=True)
+            return ((*waiting.popleft()[:2], pred) for pred in refined)
+        return (waiting.popleft() for _ in predictions(share))
+
+    cm, overlays, _ = _tally(samples, items, k, shown, masks_dir)
     note = (f"Model predictions: scales {ev.scales}, flip {ev.flip}, window {ev.window or 'none'}, "
             f"{ev.upsample} upsampling"
             + (f", dense CRF {ev.crf_params.model_dump()}." if ev.crf else ", no CRF."))
     if not ev.crf:
         return Scored(cm, note, overlays=overlays)
-    before = metrics.scores(plain, names)
+    before = metrics.scores(runtime.all_sum(plain), names)
     after = metrics.scores(cm, names)["miou"]
     return Scored(
         cm,
@@ -137,8 +155,11 @@ def _score_segment(cfg: Config, model, meta: dict, samples, names, shown, masks_
 
 def _score_pseudo(cfg: Config, folder: Path, samples, names, shown, masks_dir) -> Scored:
     root = cfg.data.root
-    items = ((s, voc.load_mask(root, s.id), transforms.read_index_png(mask_file(folder, s.id))) for s in samples)
-    cm, overlays, ignored = _tally(items, len(samples), len(names), shown, masks_dir, ignore_pred=True)
+
+    def items(share):
+        return ((s, voc.load_mask(root, s.id), transforms.read_index_png(mask_file(folder, s.id))) for s in share)
+
+    cm, overlays, ignored = _tally(samples, items, len(names), shown, masks_dir, ignore_pred=True)
     note = ("Pseudo masks scored over the pixels they label: 255 (ignore) is left out, not "
             "counted as wrong; ignore_fraction is the share of pixels left unlabelled.")
     return Scored(cm, note, headline={"ignore_fraction": ignored}, overlays=overlays)
@@ -148,22 +169,26 @@ def _score_maps(cfg: Config, folder: Path, samples, names, shown, masks_dir) -> 
     """Background-threshold sweep; overlays and masks come from a second pass at the best one."""
     root, k, thresholds = cfg.data.root, len(names), cfg.evaluate.bg_sweep
     total = np.zeros((len(thresholds), k, k), np.int64)
+    mine = runtime.shard(samples)
     with work_progress() as bar:
-        task = bar.add_task("sweep", total=len(samples))
-        for sample in samples:
+        bar.disable = not runtime.is_main()
+        task = bar.add_task("sweep", total=len(mine))
+        for sample in mine:
             maps, classes = load_maps(map_file(folder, sample.id))
             total += metrics.threshold_sweep(maps, classes, voc.load_mask(root, sample.id), thresholds, k)
             bar.advance(task)
+    total = runtime.all_sum(total)
     mious = [metrics.scores(cm, names)["miou"] for cm in total]
     best = int(np.nanargmax(mious))
     threshold = thresholds[best]
 
-    def at_best(sample):
-        maps, classes = load_maps(map_file(folder, sample.id))
-        return sample, voc.load_mask(root, sample.id), metrics.labels_from_maps(maps, classes, threshold)
+    def at_best(share):
+        for sample in share:
+            maps, classes = load_maps(map_file(folder, sample.id))
+            yield sample, voc.load_mask(root, sample.id), metrics.labels_from_maps(maps, classes, threshold)
 
     again = samples if masks_dir is not None else [s for s in samples if s.id in shown]
-    _, overlays, _ = _tally(map(at_best, again), len(again), k, shown, masks_dir)
+    _, overlays, _ = _tally(again, at_best, k, shown, masks_dir)
     note = ("Localization maps: label = argmax over [background threshold, maps]; the scores "
             f"are those of the best of {len(thresholds)} thresholds.")
     return Scored(
@@ -256,6 +281,7 @@ def run(cfg: Config, from_run: str | None = None, split: str | None = None,
         parent: tracking.Nest | None = None) -> StageResult:
     """Score the given run (default: the method's newest finished segment run) on `split` (default: the
     val list for a model, the train list for maps and pseudo masks)."""
+    runtime.init_distributed(cfg.device)
     source = tracking.resolve_run(cfg, STAGES if from_run else "segment", from_run)
     stage, root = source.stage, cfg.data.root
     split = split or (cfg.data.val_list if stage == "segment" else cfg.data.train_list)
@@ -266,19 +292,24 @@ def run(cfg: Config, from_run: str | None = None, split: str | None = None,
     _require((voc.mask_path(root, s.id) for s in samples), "ground-truth mask",
              f"evaluation needs {voc.MASKS}/ for every image of split {split!r}")
 
-    inputs = _inputs(cfg, source, samples, names)  # before the run opens: no failed run for bad input
+    # before the run opens: no failed run for bad input; rank 0 downloads, the others find the files
+    inputs = runtime.rank_zero_first(lambda: _inputs(cfg, source, samples, names))
     crf = cfg.evaluate.crf and stage == "segment"
     scorer = {"segment": _score_segment, "pseudolabel": _score_pseudo, "localize": _score_maps}[stage]
 
-    with tracking.stage_run(cfg, "evaluate", source=source, parent=parent) as tracker:
-        tracker.set_tags({"mcis.scored_stage": stage, "mcis.split": split, "mcis.crf": str(crf).lower()})
-        folder = tracking.workdir(cfg, tracker.run_id)
+    with runtime.open_run(cfg, "evaluate", source=source, parent=parent) as (tracker, run_id):
+        if tracker:
+            tracker.set_tags({"mcis.scored_stage": stage, "mcis.split": split, "mcis.crf": str(crf).lower()})
+        folder = tracking.workdir(cfg, run_id)
         masks_dir = folder / "masks" if cfg.evaluate.save_masks else None
         shown = overlay_ids(samples, cfg.evaluate.overlays)
         scored = scorer(cfg, *inputs, samples, names, shown, masks_dir)
 
         result = metrics.scores(scored.cm, names)
         summary = {k: result[k] for k in ("miou", "pixel_acc", "mean_acc", "fw_iou")} | scored.headline
+        outputs = {"results": str(folder / "results.md")} | ({"masks": str(masks_dir)} if masks_dir else {})
+        if tracker is None:  # rank 0 reports for all
+            return StageResult(run_id, summary, outputs)
         if stage == "segment" and source.role != tracking.CEILING:
             ceiling = ceiling_miou(cfg, split, crf)
             if ceiling is not None and ceiling > 0:
@@ -305,9 +336,7 @@ def run(cfg: Config, from_run: str | None = None, split: str | None = None,
         with atomic_path(report) as tmp:
             tmp.write_text(results_markdown(title, scored.note, summary, result, scored.curve, on_voc))
         tracker.log_artifact(report)
-        outputs = {"results": str(report)}
         if masks_dir is not None:
             tracker.log_artifacts(masks_dir, "masks")
-            outputs["masks"] = str(masks_dir)
         _print_table(title, summary, result)
-        return StageResult(tracker.run_id, summary, outputs)
+        return StageResult(run_id, summary, outputs)

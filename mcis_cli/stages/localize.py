@@ -147,7 +147,14 @@ def candidates(items: Sequence[Item], self_maps: torch.Tensor | None, cross: Seq
 class FeatureCache:
     """Backbone features of training images at the classifier size, LRU-bounded in bytes: old
     entries are evicted before a new one is stored, so `bytes` (and `peak`) never pass the budget.
-    The features of one `get` call are held by its caller beyond the budget until it drops them."""
+    The features of one `get` call are held by its caller beyond the budget until it drops them.
+
+    Features are computed a fixed group at a time (sample indices [g * batch_size, (g + 1) *
+    batch_size)), however the images are asked for: a kernel's rounding depends on the batch
+    shape, so this keeps every image's features the same whatever ran before it (another shard,
+    a resumed start). Every image is a chunk's own image once, so with a cache that holds them
+    all a group is computed once.
+    """
 
     def __init__(self, model: MCISNet, samples: Sequence[voc.Sample], size: int,
                  device: torch.device, budget_mb: int, batch_size: int):
@@ -167,11 +174,12 @@ class FeatureCache:
         missing = [i for i in dict.fromkeys(indices) if i not in found]
         self.hits += len(indices) - len(missing)
         self.misses += len(missing)
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
+        for group in dict.fromkeys(i // self.batch_size for i in missing):
+            chunk = range(group * self.batch_size, min((group + 1) * self.batch_size, len(self.samples)))
             for i, f in zip(chunk, self.compute(chunk), strict=True):
-                found[i] = f.clone()
-                self._put(i, found[i])
+                if i not in found and i not in self.store:  # the group's others: kept for later
+                    found[i] = f.clone()
+                    self._put(i, found[i])
         return [found[i] for i in indices]
 
     def compute(self, indices: Sequence[int]) -> torch.Tensor:
@@ -278,18 +286,21 @@ def compute_maps(model: MCISNet, items: Sequence[Item], samples: Sequence[voc.Sa
 def maps_quality(samples: Sequence[voc.Sample], maps_dir: Path, root: str,
                  class_names: Sequence[str], thresholds: Sequence[float]) -> dict | None:
     """mIoU of argmax over [background threshold, maps] for each threshold, on the images that
-    have a ground-truth mask. None when no image has one."""
+    have a ground-truth mask. None when no image has one. Under torchrun each rank sums its
+    share of the images and the counts are added up."""
     names = ["background", *class_names]
-    total = None
-    for sample in samples:
+    total = np.zeros((len(thresholds), len(names), len(names)), np.int64)
+    scored = 0
+    for sample in runtime.shard(samples):
         if not voc.mask_path(root, sample.id).is_file():
             continue
         maps, classes = load_maps(map_file(maps_dir, sample.id))
-        cms = metrics.threshold_sweep(maps, classes, voc.load_mask(root, sample.id),
-                                      thresholds, len(names))
-        total = cms if total is None else total + cms
-    if total is None:
+        total += metrics.threshold_sweep(maps, classes, voc.load_mask(root, sample.id),
+                                         thresholds, len(names))
+        scored += 1
+    if not runtime.all_sum(np.array([scored]))[0]:
         return None
+    total = runtime.all_sum(total)
     curve = [metrics.scores(cm, names) for cm in total]
     best = int(np.argmax([s["miou"] for s in curve]))
     return {"curve": curve, "best": best, "threshold": thresholds[best], "cm": total[best]}
@@ -324,6 +335,13 @@ def _check(cfg: Config, meta: dict | None = None, names: Sequence[str] = ()) -> 
                         f"{len(names)}; localize with the dataset the classifier was trained on")
 
 
+def _work(item: Item) -> int:
+    """What an image costs, for balancing the shards: its own features and self-pairs, and a
+    pair head per partner."""
+    return 4 + sum(len(js) for js in item.partners)
+
+
+
 def _memory(cfg: Config) -> tuple[str, str, str]:
     lc = cfg.localize
     size = f"{lc.input_size} px" if lc.input_size else "the classifier's size"
@@ -333,45 +351,61 @@ def _memory(cfg: Config) -> tuple[str, str, str]:
 
 @runtime.memory_guarded(_memory)
 def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None = None) -> StageResult:
+    """Under torchrun each rank computes its share of the chunks (batch_size images, fixed over
+    the whole list, so every chunk's batches are those of a single process), writes its files,
+    and rank 0 logs the merged counts and the maps of all."""
     _check(cfg)
+    runtime.init_distributed(cfg.device)
     runtime.seed_everything(cfg.seed)
     device = runtime.select_device(cfg.device)
     source = tracking.resolve_run(cfg, "classify", from_run)
-    model, meta = artifacts.load_classifier(source, device)
+    model, meta = runtime.rank_zero_first(lambda: artifacts.load_classifier(source, device))
     names = voc.class_names(cfg.data.root)
     _check(cfg, meta, names)
     samples = voc.train_samples(cfg.data)
     lcfg = cfg.localize
     size = lcfg.input_size or int(meta["input_size"])
     key = _key(cfg, source.run_id)
-    resume = _interrupted(cfg, key)
+    main = runtime.is_main()
+    resume = _interrupted(cfg, key) if main else None
 
     with ExitStack() as stack:
         if resume:  # lock first: a run that another process is still writing is never reopened
             stack.enter_context(exclusive(tracking.workdir(cfg, resume), "localize run"))
-        tracker = stack.enter_context(
-            tracking.stage_run(cfg, "localize", source=source, parent=parent, resume=resume))
-        out = tracking.workdir(cfg, tracker.run_id)
-        if not resume:
+        tracker, run_id = stack.enter_context(
+            runtime.open_run(cfg, "localize", source=source, parent=parent, resume=resume))
+        out = tracking.workdir(cfg, run_id)
+        if main and not resume:
             stack.enter_context(exclusive(out, "localize run"))
-        tracker.set_tags({RESUME_TAG: key})
+        if tracker:
+            tracker.set_tags({RESUME_TAG: key})
         maps_dir, previews_dir = out / artifacts.MAPS, out / artifacts.MAP_PREVIEWS
         items = plan(samples, lcfg.partners if lcfg.method == "mcis" else 0, cfg.seed)
-        todo = [item for item in items if not map_file(maps_dir, item.sample.id).is_file()]
+        todo = {item.index for item in items if not map_file(maps_dir, item.sample.id).is_file()}
+        runtime.barrier()  # every rank has listed the files before any rank writes one
+        chunks = [items[s : s + lcfg.batch_size] for s in range(0, len(items), lcfg.batch_size)]
+        chunks = [c for c in chunks if any(item.index in todo for item in c)]
+        mine = runtime.shard(chunks, [sum(map(_work, c)) for c in chunks])
         cache = FeatureCache(model, samples, size, device, lcfg.cache_mb, lcfg.batch_size)
         planes = empty = 0
         with work_progress() as progress:
+            progress.disable = not main
             task = progress.add_task("localize", total=len(items), completed=len(items) - len(todo))
-            for item, maps in compute_maps(model, todo, samples, size, method=lcfg.method,
-                                           self_pairs=lcfg.self_pairs, gate=lcfg.gate,
+            for item, maps in compute_maps(model, [item for c in mine for item in c], samples, size,
+                                           method=lcfg.method, self_pairs=lcfg.self_pairs, gate=lcfg.gate,
                                            batch_size=lcfg.batch_size, cache=cache, device=device):
+                if item.index not in todo:  # done by an earlier start: its chunk is computed whole
+                    continue
                 save_maps(map_file(maps_dir, item.sample.id), maps, item.sample.labels)
                 if lcfg.previews:
                     save_previews(previews_dir, item.sample.id, maps, item.sample.labels)
                 planes += len(maps)
                 empty += int((maps.reshape(len(maps), -1).max(1) <= 0).sum())
                 progress.advance(task)
-            if planes and empty / planes > 0.5:  # issue #17 of the official repo: "maps all black"
+            runtime.settle("localize")
+            planes, empty, hits, misses = runtime.all_sum(np.array([planes, empty, cache.hits, cache.misses]))
+            peak = max(runtime.gather([cache.peak]))  # each rank's cache has its own budget
+            if main and planes and empty / planes > 0.5:  # issue #17 of the official repo: "maps all black"
                 progress.console.print(
                     f"[yellow]warning:[/] {empty} of {planes} maps are empty: the classifier gives no "
                     "positive evidence for the image's own classes; train classify longer")
@@ -379,28 +413,36 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
         result = {"maps/images": float(len(items)), "maps/computed": float(len(todo))}
         if planes:
             result["maps/empty_frac"] = empty / planes  # of the maps computed by this start
-        if cache.hits + cache.misses:
-            result["maps/cache_hit_rate"] = cache.hits / (cache.hits + cache.misses)
-            result["maps/cache_peak_mb"] = cache.peak / 2**20  # never above localize.cache_mb
+        if hits + misses:
+            result["maps/cache_hit_rate"] = hits / (hits + misses)
+            result["maps/cache_peak_mb"] = peak / 2**20  # never above localize.cache_mb
         thresholds = cfg.evaluate.bg_sweep  # the same sweep as `mcis evaluate` on maps
         quality = maps_quality(samples, maps_dir, cfg.data.root, names, thresholds)
         if quality is not None:
-            for step, (t, s) in enumerate(zip(thresholds, quality["curve"], strict=True)):
-                tracker.log_metrics({"maps/sweep_miou": s["miou"], "maps/sweep_threshold": t}, step=step)
             best = quality["curve"][quality["best"]]
             result.update(metrics.mlflow_metrics(best, prefix="maps/"))
             result["maps/best_threshold"] = quality["threshold"]
-        tracker.log_metrics(result)
-        tracker.log_artifacts(maps_dir, artifacts.MAPS)
-        if lcfg.previews:
-            tracker.log_artifacts(previews_dir, artifacts.MAP_PREVIEWS)
-        rows = []
-        for item in items[:OVERLAYS]:
-            image = transforms.load_image(item.sample.image)
-            maps, _ = load_maps(map_file(maps_dir, item.sample.id))
-            heat = maps.astype(np.float32).max(0) if len(maps) else np.zeros(image.shape[:2], np.float32)
-            rows.append([image, reporting.heat_overlay(image, heat)])
-        if rows:
-            tracker.log_image(reporting.overlay_grid(rows), "maps_overlays")
+        if tracker:
+            _report(tracker, cfg, items, maps_dir, previews_dir, result, quality)
     headline = {k: result[k] for k in ("maps/miou", "maps/best_threshold") if k in result}
-    return StageResult(tracker.run_id, headline or result, {artifacts.MAPS: str(maps_dir)})
+    return StageResult(run_id, headline or result, {artifacts.MAPS: str(maps_dir)})
+
+
+def _report(tracker: tracking.Tracker, cfg: Config, items: Sequence[Item], maps_dir: Path,
+            previews_dir: Path, result: dict[str, float], quality: dict | None) -> None:
+    """Rank 0's logging: the sweep, the metrics, every rank's maps and the overlays."""
+    if quality is not None:
+        for step, (t, s) in enumerate(zip(cfg.evaluate.bg_sweep, quality["curve"], strict=True)):
+            tracker.log_metrics({"maps/sweep_miou": s["miou"], "maps/sweep_threshold": t}, step=step)
+    tracker.log_metrics(result)
+    tracker.log_artifacts(maps_dir, artifacts.MAPS)
+    if cfg.localize.previews:
+        tracker.log_artifacts(previews_dir, artifacts.MAP_PREVIEWS)
+    rows = []
+    for item in items[:OVERLAYS]:
+        image = transforms.load_image(item.sample.image)
+        maps, _ = load_maps(map_file(maps_dir, item.sample.id))
+        heat = maps.astype(np.float32).max(0) if len(maps) else np.zeros(image.shape[:2], np.float32)
+        rows.append([image, reporting.heat_overlay(image, heat)])
+    if rows:
+        tracker.log_image(reporting.overlay_grid(rows), "maps_overlays")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcis_cli import artifacts, metrics, reporting, saliency, tracking
+from mcis_cli import artifacts, metrics, reporting, runtime, saliency, tracking
 from mcis_cli.artifacts import load_maps, map_file, mask_file
 from mcis_cli.config import Config, PseudolabelCfg
 from mcis_cli.data import transforms, voc
@@ -172,38 +172,48 @@ def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num
 
 
 def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None = None) -> StageResult:
+    """Under torchrun each rank writes the masks of its share of the images; the counts are
+    summed and the per-image saliency scores gathered in image order, so rank 0 logs the
+    numbers of a single process."""
     p = cfg.pseudolabel
     if p.background == "saliency" and p.saliency == "folder" and not cfg.data.saliency_dir:
         raise McisError("pseudolabel.saliency=folder needs data.saliency_dir (a folder of <id>.png "
                         "saliency maps); set it, or use --set pseudolabel.saliency=computed")
+    runtime.init_distributed(cfg.device)
     source = tracking.resolve_run(cfg, "localize", from_run)
-    maps_dir = source.fetch(artifacts.MAPS)
+    maps_dir = runtime.rank_zero_first(lambda: source.fetch(artifacts.MAPS))
     samples = voc.train_samples(cfg.data)
     names = ["background", *voc.class_names(cfg.data.root)]
 
-    with tracking.stage_run(cfg, "pseudolabel", source=source, parent=parent) as tracker:
-        out_dir = tracking.workdir(cfg, tracker.run_id) / artifacts.PSEUDO
+    with runtime.open_run(cfg, "pseudolabel", source=source, parent=parent) as (tracker, run_id):
+        out_dir = tracking.workdir(cfg, run_id) / artifacts.PSEUDO
         total_cm = np.zeros((len(names), len(names)), np.int64)
         sweep_cm = np.zeros((len(p.sweep), len(names), len(names)), np.int64)
         ignored, sweep_ignored, pixels = 0, np.zeros(len(p.sweep), np.int64), 0
-        sal_scores: list[tuple[float, float]] = []
-        any_gt = False
-        workers = max(1, os.cpu_count() or 1)
+        sal_scores: list[tuple[int, float, float]] = []
+        any_gt = 0
+        mine = runtime.shard(list(enumerate(samples)), [1 + len(s.labels) for s in samples])
+        workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         with work_progress() as progress, ThreadPoolExecutor(workers) as pool:
-            task = progress.add_task("pseudolabel", total=len(samples))
-            jobs = pool.map(lambda s: _process(cfg, s, maps_dir, out_dir, len(names)), samples)
-            for outcome in jobs:
+            progress.disable = tracker is None
+            task = progress.add_task("pseudolabel", total=len(mine))
+            jobs = pool.map(lambda job: (job[0], _process(cfg, job[1], maps_dir, out_dir, len(names))), mine)
+            for index, outcome in jobs:
                 ignored += outcome.ignored
                 sweep_ignored += outcome.sweep_ignored
                 pixels += outcome.pixels
                 if outcome.cm is not None:
-                    any_gt = True
+                    any_gt = 1
                     total_cm += outcome.cm
                     if outcome.sweep is not None:
                         sweep_cm += outcome.sweep
                 if outcome.fmeasure is not None:
-                    sal_scores.append((outcome.fmeasure, outcome.mae))
+                    sal_scores.append((index, outcome.fmeasure, outcome.mae))
                 progress.advance(task)
+        runtime.settle("pseudolabel")
+        ignored, pixels, any_gt = runtime.all_sum(np.array([ignored, pixels, any_gt]))
+        sweep_ignored, total_cm, sweep_cm = map(runtime.all_sum, (sweep_ignored, total_cm, sweep_cm))
+        sal_scores = sorted(runtime.gather(sal_scores))  # image order: the means of one process
 
         result = {"pseudo/images": float(len(samples)), "pseudo/ignore_frac": ignored / max(pixels, 1)}
         if any_gt:
@@ -213,27 +223,38 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
                 values = [v for v in scores[name].values() if not np.isnan(v)]
                 if values:
                     result[f"pseudo/{name}"] = float(np.mean(values))
-            tracker.log_text(reporting.confusion_csv(total_cm, names), "pseudo_confusion.csv")
         if sal_scores:
-            result["saliency/fmeasure"] = float(np.mean([f for f, _ in sal_scores]))
-            result["saliency/mae"] = float(np.mean([m for _, m in sal_scores]))
-        if p.sweep:
-            ignore_curve = (sweep_ignored / max(pixels, 1)).tolist()
-            miou_curve = [metrics.scores(cm, names)["miou"] for cm in sweep_cm] if any_gt else [np.nan] * len(p.sweep)
-            for step, (t, m, ig) in enumerate(zip(p.sweep, miou_curve, ignore_curve, strict=True)):
-                point = {"sweep/threshold": t, "sweep/ignore_frac": ig}
-                if not np.isnan(m):  # NaN: no ground truth, or every pixel ignored
-                    point["sweep/miou"] = m
-                tracker.log_metrics(point, step=step)
-            curves = {"mIoU (ignored pixels excluded)": miou_curve, "ignored share": ignore_curve}
-            xlabel = "cam_threshold" if p.background == "cam" else "fg_thr"
-            tracker.log_figure(reporting.sweep_figure(p.sweep, curves, xlabel), "pseudo_sweep.png")
-        tracker.log_metrics(result)
-        tracker.log_artifacts(out_dir, artifacts.PSEUDO)
-        tracker.log_image(_overlays(cfg, samples[:OVERLAYS], out_dir), "pseudo_overlays")
+            result["saliency/fmeasure"] = float(np.mean([f for _, f, _ in sal_scores]))
+            result["saliency/mae"] = float(np.mean([m for _, _, m in sal_scores]))
+        ignore_curve = (sweep_ignored / max(pixels, 1)).tolist()
+        miou_curve = [metrics.scores(cm, names)["miou"] for cm in sweep_cm] if any_gt else [np.nan] * len(p.sweep)
+        if tracker:
+            _report(tracker, cfg, samples, out_dir, names, total_cm if any_gt else None, result,
+                    ignore_curve, miou_curve)
     headline = {k: result[k] for k in ("pseudo/miou", "pseudo/precision", "pseudo/recall", "pseudo/ignore_frac",
                                        "saliency/fmeasure") if k in result}
-    return StageResult(tracker.run_id, headline, {artifacts.PSEUDO: str(out_dir)})
+    return StageResult(run_id, headline, {artifacts.PSEUDO: str(out_dir)})
+
+
+def _report(tracker: tracking.Tracker, cfg: Config, samples: Sequence[voc.Sample], out_dir: Path,
+            names: Sequence[str], cm: np.ndarray | None, result: dict[str, float],
+            ignore_curve: list[float], miou_curve: list[float]) -> None:
+    """Rank 0's logging: the confusion matrix, the sweep, the metrics, every rank's masks."""
+    p = cfg.pseudolabel
+    if cm is not None:
+        tracker.log_text(reporting.confusion_csv(cm, names), "pseudo_confusion.csv")
+    if p.sweep:
+        for step, (t, m, ig) in enumerate(zip(p.sweep, miou_curve, ignore_curve, strict=True)):
+            point = {"sweep/threshold": t, "sweep/ignore_frac": ig}
+            if not np.isnan(m):  # NaN: no ground truth, or every pixel ignored
+                point["sweep/miou"] = m
+            tracker.log_metrics(point, step=step)
+        curves = {"mIoU (ignored pixels excluded)": miou_curve, "ignored share": ignore_curve}
+        xlabel = "cam_threshold" if p.background == "cam" else "fg_thr"
+        tracker.log_figure(reporting.sweep_figure(p.sweep, curves, xlabel), "pseudo_sweep.png")
+    tracker.log_metrics(result)
+    tracker.log_artifacts(out_dir, artifacts.PSEUDO)
+    tracker.log_image(_overlays(cfg, samples[:OVERLAYS], out_dir), "pseudo_overlays")
 
 
 def _overlays(cfg: Config, samples: Sequence[voc.Sample], out_dir: Path) -> np.ndarray:

@@ -297,7 +297,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
     trainer, net = build_trainer(seg, len(class_names), device, imagenet=seg.pretrained and not resume)
 
     role = tracking.CEILING if labels == "gt" else None
-    with training.open_run(cfg, STAGE, source=source, role=role, resume=resume,
+    with runtime.open_run(cfg, STAGE, source=source, role=role, resume=resume,
                            parent=parent) as (tracker, run_id):
         out = Path(cfg.output_dir) / run_id
         rank = runtime.world()[0]
