@@ -41,6 +41,7 @@ N_TRAIN, N_VAL = 10, 2  # two classifier steps of 5 pairs; 16 images would fill 
 TRAIN_IMAGES, VAL_IMAGES = 10_582, 1_449  # train_aug, val [reference §1.4, §4.3]
 VOC_LABEL_COUNTS = {1: 6746, 2: 2894, 3: 774, 4: 141, 5: 27}  # classes per image, train_cls.txt [§7]
 RSS_LIMIT = 24 * 2**30
+MISS_SAMPLES = 4  # images timed one at a time for the cost of a cache miss
 COUNTS = [  # steps and images only; the random init costs what the ImageNet one does
     "data.workers=0", "classify.epochs=1", "classify.contrastive_from_epoch=0", "classify.log_every=1",
     "classify.pretrained=false", "segment.pretrained=false", "segment.iters=3", "segment.val_every=0",
@@ -157,12 +158,13 @@ def _stage(stage: str, overrides: list[str], from_run: str | None) -> dict[str, 
 
 @torch.inference_mode()
 def _miss_cost(cache: localize.FeatureCache) -> dict[str, Any]:
-    """What a cache miss costs (loading, squashing and the backbone, for a batch of images) and
-    the shape of one image's features; with the run's hits and misses and its peak bytes."""
-    batch = [i % len(cache.samples) for i in range(cache.batch_size)]
+    """What a cache miss costs (loading, squashing and the backbone for one image, as the cache
+    computes it; the mean of a few) and the shape of one image's features; with the run's hits
+    and misses and its peak bytes."""
+    images = [i % len(cache.samples) for i in range(MISS_SAMPLES)]
     start = time.perf_counter()
-    features = cache.compute(batch)
-    return {"miss_s": (time.perf_counter() - start) / len(batch), "feature_shape": tuple(features.shape[1:]),
+    features = torch.cat([cache.compute([i]) for i in images])
+    return {"miss_s": (time.perf_counter() - start) / len(images), "feature_shape": tuple(features.shape[1:]),
             "hits": cache.hits, "misses": cache.misses, "cache_peak": cache.peak}
 
 
@@ -171,8 +173,8 @@ class _Replay(localize.FeatureCache):
     """The stage's cache, holding meta tensors of the measured feature shape: its bookkeeping in
     bytes is the real one, nothing is computed or allocated."""
 
-    def __init__(self, shape: tuple[int, ...], budget_mb: int, batch_size: int):
-        super().__init__(None, [], 0, torch.device("meta"), budget_mb, batch_size)
+    def __init__(self, shape: tuple[int, ...], budget_mb: int):
+        super().__init__(None, [], 0, torch.device("meta"), budget_mb)
         self.shape = shape
 
     def compute(self, indices: Sequence[int]) -> torch.Tensor:
@@ -189,7 +191,7 @@ def replay_cache(cfg: Config, shape: tuple[int, ...]) -> dict[str, float]:
     samples = [voc.Sample(f"{i:06d}", Path(), tuple(sorted(int(c) for c in rng.choice(20, k, replace=False))))
                for i, k in enumerate(counts)]
     items = localize.plan(samples, lc.partners, cfg.seed)
-    cache = _Replay(shape, lc.cache_mb, lc.batch_size)
+    cache = _Replay(shape, lc.cache_mb)
     held = 0
     for start in range(0, len(items), lc.batch_size):
         chunk = items[start : start + lc.batch_size]

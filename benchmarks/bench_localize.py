@@ -42,7 +42,7 @@ def main() -> dict[str, float]:
         items = localize.plan(samples, lc.partners, cfg.seed)
 
         def timed(naive: bool) -> tuple[float, dict[str, np.ndarray]]:
-            cache = localize.FeatureCache(model, samples, size, torch.device("cpu"), lc.cache_mb, lc.batch_size)
+            cache = localize.FeatureCache(model, samples, size, torch.device("cpu"), lc.cache_mb)
             start = time.perf_counter()
             maps = {item.sample.id: m for item, m in localize.compute_maps(
                 model, items, samples, size, self_pairs=lc.self_pairs, gate=lc.gate,

@@ -149,18 +149,15 @@ class FeatureCache:
     entries are evicted before a new one is stored, so `bytes` (and `peak`) never pass the budget.
     The features of one `get` call are held by its caller beyond the budget until it drops them.
 
-    Features are computed a fixed group at a time (sample indices [g * batch_size, (g + 1) *
-    batch_size)), however the images are asked for: a kernel's rounding depends on the batch
-    shape, so this keeps every image's features the same whatever ran before it (another shard,
-    a resumed start). Every image is a chunk's own image once, so with a cache that holds them
-    all a group is computed once.
+    Each image's features are computed on their own (a batch of one): a kernel's rounding depends
+    on the batch shape, so this keeps them the same whatever was asked for with them (another
+    shard, a resumed start, another batch size), and a miss costs one image, not a batch.
     """
 
     def __init__(self, model: MCISNet, samples: Sequence[voc.Sample], size: int,
-                 device: torch.device, budget_mb: int, batch_size: int):
+                 device: torch.device, budget_mb: int):
         self.model, self.samples, self.size, self.device = model, samples, size, device
         self.budget = budget_mb * 2**20
-        self.batch_size = batch_size
         self.store: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.bytes = self.peak = 0
         self.hits = self.misses = 0
@@ -174,12 +171,9 @@ class FeatureCache:
         missing = [i for i in dict.fromkeys(indices) if i not in found]
         self.hits += len(indices) - len(missing)
         self.misses += len(missing)
-        for group in dict.fromkeys(i // self.batch_size for i in missing):
-            chunk = range(group * self.batch_size, min((group + 1) * self.batch_size, len(self.samples)))
-            for i, f in zip(chunk, self.compute(chunk), strict=True):
-                if i not in found and i not in self.store:  # the group's others: kept for later
-                    found[i] = f.clone()
-                    self._put(i, found[i])
+        for i in missing:
+            found[i] = self.compute([i])[0].clone()
+            self._put(i, found[i])
         return [found[i] for i in indices]
 
     def compute(self, indices: Sequence[int]) -> torch.Tensor:
@@ -261,7 +255,7 @@ def compute_maps(model: MCISNet, items: Sequence[Item], samples: Sequence[voc.Sa
     """Yield (item, float32 maps (n, H, W) in [0, 1]) for each item, chunk by chunk."""
     device = device or torch.device("cpu")
     if cache is None and not naive:
-        cache = FeatureCache(model, samples, size, device, 0, batch_size)
+        cache = FeatureCache(model, samples, size, device, 0)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         images = [transforms.load_image(item.sample.image) for item in chunk]
@@ -386,7 +380,7 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
         chunks = [items[s : s + lcfg.batch_size] for s in range(0, len(items), lcfg.batch_size)]
         chunks = [c for c in chunks if any(item.index in todo for item in c)]
         mine = runtime.shard(chunks, [sum(map(_work, c)) for c in chunks])
-        cache = FeatureCache(model, samples, size, device, lcfg.cache_mb, lcfg.batch_size)
+        cache = FeatureCache(model, samples, size, device, lcfg.cache_mb)
         planes = empty = 0
         with work_progress() as progress:
             progress.disable = not main
