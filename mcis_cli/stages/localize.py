@@ -335,7 +335,6 @@ def _work(item: Item) -> int:
     return 4 + sum(len(js) for js in item.partners)
 
 
-
 def _memory(cfg: Config) -> tuple[str, str, str]:
     lc = cfg.localize
     size = f"{lc.input_size} px" if lc.input_size else "the classifier's size"
