@@ -167,7 +167,9 @@ def stage_command(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         result = command(*args, **kwargs)
-        if os.environ.get("RANK", "0") == "0":
+        from mcis_cli import runtime  # torch is loaded by now: the stage has run
+
+        if runtime.is_main():
             _summary(command.__name__, result)
 
     return app.command()(friendly(wrapper))

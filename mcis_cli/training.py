@@ -10,8 +10,8 @@ loop does the same way is written here once.
   counters, so that a resumed run continues bit-exactly.
 
 Only rank 0 opens the MLflow run (`runtime.open_run`) and writes files; the other ranks have no
-tracker (None). The rank-0 guards of a step's metrics and of a file's writing and upload are here; the stages guard
-only their own rank-0 work (validation, the run's tags).
+tracker (None). The rank-0 guards of a step's metrics and of a file's writing and upload are
+here; the stages guard only their own rank-0 work (validation, the run's tags).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Trainer:
         self.amp = amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.log_every = log_every
-        self.distributed = dist.is_available() and dist.is_initialized()
+        self.distributed = runtime.distributed()
         self.main = runtime.is_main()
         self.last_good: Path | None = None
         self._bar = training_progress()
