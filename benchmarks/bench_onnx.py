@@ -91,7 +91,7 @@ def main(width: float = 1.0, size: int = 321, batches: tuple[int, ...] = (1, 8),
             console.print(f"CUDA sessions run on: {used}")
             cuda = {name: s for name, s in cuda.items() if used[name] == CUDA}
 
-        check = parity(model, _session(fp16, options, [CPU]), [[1, size, size]], repeats=0, prefix="fp16")
+        check = parity(model, _session(fp16, options, [CPU]), [[1, size, size]], prefix="fp16")
         result.update({k: v for k, v in check.items() if k.startswith("fp16/")})
         console.print(f"fp16 vs PyTorch fp32 on the CPU at 1x{size}x{size}: max abs logit difference "
                       f"{result['fp16/max_abs_diff']:.3g}, {result['fp16/max_rel_diff']:.3g} of the largest "

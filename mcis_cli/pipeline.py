@@ -162,7 +162,6 @@ def result_rows(results: dict[str, StageResult], setting1: dict[str, float] | No
         ("fully supervised ceiling (val, CRF)", "ceiling/miou", ceiling),
         ("fraction of the ceiling reached", "ceiling/fraction", seg / ceiling if seg and ceiling else None),
         ("ONNX export: max |ORT - PyTorch| logit", "export/max_abs_diff", m("export", "parity/max_abs_diff")),
-        ("ONNX export: ORT speed / PyTorch speed", "export/ort_over_torch", m("export", "speed/ort_over_torch")),
     ]
     if setting1 is not None:
         before = setting1.get("seg/miou")

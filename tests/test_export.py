@@ -95,7 +95,7 @@ def test_onnxruntime_matches_torch_at_three_sizes(exported):
         assert (got.argmax(1) == expected.argmax(1)).mean() > 0.999
     assert 0 <= result.metrics["parity/max_abs_diff"] <= 1e-3
     assert result.metrics["parity/argmax_agree"] > 0.999
-    assert result.metrics["speed/ort_over_torch"] > 0
+    assert not any(key.startswith("speed/") for key in result.metrics)  # timing is `make bench`'s
     logged = MlflowClient().get_run(result.run_id).data.metrics
     assert logged["parity/max_abs_diff"] == pytest.approx(result.metrics["parity/max_abs_diff"])
 

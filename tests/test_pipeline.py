@@ -115,7 +115,7 @@ def test_pipeline_runs_every_stage_then_resumes_after_a_failure(tmp_path, toy_ro
     assert 0.0 < m["classify"]["val/mAP"] <= 1.0
     lr = mlc.get_metric_history(children["classify"].info.run_id, "lr")
     assert [p.step for p in lr] == list(range(2 * 12))  # every step of 2 epochs of 48 / 4 pairs
-    assert m["export"]["parity/max_abs_diff"] < 1e-3 and m["export"]["speed/ort_over_torch"] > 0
+    assert m["export"]["parity/max_abs_diff"] < 1e-3 and not any(k.startswith("speed/") for k in m["export"])
     assert children["segment_gt"].data.tags["mcis.labels"] == "gt"
     assert children["segment"].data.tags[tracking.SOURCE_TAG] == children["pseudolabel"].info.run_id
     assert children["localize_cam"].data.params["localize.method"] == "cam"
