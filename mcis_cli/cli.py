@@ -273,11 +273,22 @@ def pipeline(
     config: ConfigOpt = DEFAULT_CONFIG,
     sets: set_option("segment.iters=3000") = [],  # noqa: B006
     ablation: Annotated[bool, typer.Option("--ablation", help="Also run the component ablation.")] = False,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", metavar="K,K,...",
+        help="Run the whole pipeline once per embedded-data seed (data.synth.seed=K, data at "
+             "<data.root>-seedK) under one `seeds` parent run; report each seed and mean ± std.")] = None,
 ) -> None:
     """Every stage in order under one parent MLflow run, then the results table."""
     from mcis_cli import pipeline as driver
 
-    driver.run(load_config(config, sets), ablation=ablation)
+    cfg = load_config(config, sets)
+    if seeds is None:
+        driver.run(cfg, ablation=ablation)
+        return
+    if ablation:
+        raise McisError("--ablation and --seeds together: run the ablation on one data seed "
+                        "(--set data.synth.seed=K --set data.root=DIR)")
+    driver.run_seeds(cfg, driver.parse_seeds(seeds))
 
 
 @app.command()

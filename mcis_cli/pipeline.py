@@ -2,7 +2,9 @@
 
 Like IRN's run_sample.py, this is only a driver: each step calls a stage's `run(...)`. A step whose
 nested run already FINISHED under an unfinished parent of the same config is reused, so a re-run
-after a failure resumes from the last finished step (ablation steps included).
+after a failure resumes from the last finished step (ablation steps included). `run_seeds` runs the
+whole pipeline once per held-out data seed, each nested under one `seeds` parent, and reports
+mean ± std over them.
 
 Under torchrun every rank walks the same steps: rank 0 alone opens the parent run (the others
 nest nothing, as in each stage) and runs `export`, which is one process's work; the others take
@@ -27,6 +29,8 @@ from mcis_cli.progress import out
 from mcis_cli.stages import StageResult
 
 ABLATION_TAG = "mcis.ablation"
+HASH_TAG = "mcis.config_hash"  # what a re-run resumes: the unfinished parent of the same config
+DATA_SEED_TAG = "mcis.data_seed"  # the embedded tree's data.synth.seed
 
 
 def config_hash(cfg: Config) -> str:
@@ -100,46 +104,54 @@ def method_steps(cfg: Config, step: Steps) -> dict[str, StageResult]:
 
 
 def setting1_metrics(cfg: Config) -> dict[str, float] | None:
-    """Summary metrics of the latest finished pipeline of `pipeline.compare_to` (setting 1)."""
+    """Summary metrics of the latest finished pipeline of `pipeline.compare_to` (setting 1) on the
+    same data seed: a gain is only meaningful against the same images."""
     name = cfg.pipeline.compare_to
     if not name:
         return None
-    runs = tracking.find_runs(cfg.replace(tracking={"experiment": name}), "pipeline")
+    same_data = {DATA_SEED_TAG: str(cfg.data.synth.seed)} if cfg.data.synth else {}
+    runs = tracking.find_runs(cfg.replace(tracking={"experiment": name}), "pipeline", **same_data)
     if not runs:
-        out.print(f"[yellow]warning:[/] no finished pipeline in experiment {name!r} to compare "
+        on = f" on data seed {cfg.data.synth.seed}" if cfg.data.synth else ""
+        out.print(f"[yellow]warning:[/] no finished pipeline in experiment {name!r}{on} to compare "
                       f"with; run `mcis pipeline --config configs/{name}.yaml` first")
         return {}
     return runs[0].metrics
 
 
-def run(cfg: Config, ablation: bool = False) -> dict[str, StageResult]:
+def run(cfg: Config, ablation: bool = False, parent: tracking.Nest | None = None) -> StageResult:
+    """The pipeline's parent run (nested under `parent` when given) with the results table's
+    values as its metrics (rank 0's; the other ranks get none)."""
     runtime.init_distributed(cfg.device)
     runtime.rank_zero_first(lambda: ensure_data(cfg))
     main = runtime.is_main()
-    digest = config_hash(cfg)
-    unfinished = tracking.find_runs(cfg, "pipeline", finished=False, **{"mcis.config_hash": digest}) if main else []
+    same = {HASH_TAG: config_hash(cfg)} | ({"mlflow.parentRunId": parent.parent} if parent else {})
+    unfinished = tracking.find_runs(cfg, "pipeline", finished=False, **same) if main else []
     resume = unfinished[0].run_id if unfinished else None
     started = time.time()
-    with runtime.open_run(cfg, "pipeline", resume=resume, run_name="pipeline") as (parent, parent_id):
-        if parent:
-            parent.set_tags({"mcis.config_hash": digest})
+    summary: dict[str, float] = {}
+    with runtime.open_run(cfg, "pipeline", resume=resume, parent=parent,
+                          run_name=f"pipeline {parent.step}" if parent else "pipeline") as (tracker, parent_id):
+        if tracker:
+            tracker.set_tags({HASH_TAG: same[HASH_TAG]}
+                             | ({DATA_SEED_TAG: str(cfg.data.synth.seed)} if cfg.data.synth else {}))
         done = tracking.finished_children(cfg, parent_id, tracking.STEP_TAG) if resume else {}
         step = Steps(parent_id, runtime.broadcast(done))
         results = method_steps(cfg, step)
-        if parent:
+        if tracker:
             rows = result_rows(results, setting1_metrics(cfg), cfg.pipeline.compare_to)
             table = results_table(rows)
-            parent.log_metrics({key: value for _, key, value in rows if value is not None}, step=0)
-            parent.log_text(reporting.markdown(table), "results.md")
+            summary = {key: value for _, key, value in rows if value is not None}
+            tracker.log_metrics(summary, step=0)
+            tracker.log_text(reporting.markdown(table), "results.md")
         if ablation:
-            ablation_table = run_ablation(cfg, step, parent, results)
-    if not main:
-        return results
-    out.print(table)
-    if ablation:
-        out.print(ablation_table)
-    out.print(f"pipeline finished in {time.time() - started:.0f} s, parent run {parent.run_id}")
-    return results
+            ablation_table = run_ablation(cfg, step, tracker, results)
+    if main:
+        out.print(table)
+        if ablation:
+            out.print(ablation_table)
+        out.print(f"pipeline finished in {time.time() - started:.0f} s, parent run {parent_id}")
+    return StageResult(parent_id, summary)
 
 
 def result_rows(results: dict[str, StageResult], setting1: dict[str, float] | None = None,
@@ -177,6 +189,99 @@ def results_table(rows: list[tuple[str, str, float | None]]) -> Table:
     return reporting.table(("stage", "metric", "value"),
                            ((stage, key, "-" if value is None else f"{value:.4f}") for stage, key, value in rows),
                            title="MCIS on this dataset (mIoU unless named)", left=2)
+
+
+# ---- held-out data seeds --------------------------------------------------------------------
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 100,101,102` as a list of distinct ints."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise McisError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 100,101,102") from None
+    if len(set(seeds)) != len(seeds):
+        raise McisError(f"--seeds {text!r} names a seed twice")
+    return seeds
+
+
+def seeded(cfg: Config, seed: int) -> Config:
+    """The config on the embedded tree written with data seed `seed`, in a folder of its own
+    (`<data.root>-seed<k>`): its own data, so its own config hash, so its own resumable pipeline."""
+    if cfg.data.synth is None:
+        raise McisError(f"--seeds needs the embedded dataset (a data.synth section); config {cfg.name!r} "
+                        f"reads the fixed dataset at {cfg.data.root}")
+    root = Path(cfg.data.root)
+    return cfg.replace(data={"root": str(root.with_name(f"{root.name}-seed{seed}")),
+                             "synth": {**cfg.data.synth.model_dump(), "seed": seed}})
+
+
+def run_seeds(cfg: Config, seeds: list[int]) -> dict[int, dict[str, float]]:
+    """One pipeline per data seed, nested under a `seeds` parent run that logs every results-table
+    key's `<key>_mean` and `<key>_std` over the seeds and the table as `seeds.md`.
+
+    A re-run of the same config and seeds reopens the unfinished parent: a seed whose pipeline
+    finished is read back, the one that failed resumes at its last finished step."""
+    configs = {seed: seeded(cfg, seed) for seed in seeds}  # refuse real data before opening a run
+    runtime.init_distributed(cfg.device)
+    main = runtime.is_main()
+    listed = ",".join(map(str, seeds))
+    tags = {HASH_TAG: f"{config_hash(cfg)}-{listed}", "mcis.data_seeds": listed}
+    unfinished = tracking.find_runs(cfg, "seeds", finished=False, **tags) if main else []
+    resume = unfinished[0].run_id if unfinished else None
+    with runtime.open_run(cfg, "seeds", resume=resume, run_name="seeds") as (tracker, parent_id):
+        if tracker:
+            tracker.set_tags(tags)
+        done = runtime.broadcast(tracking.finished_children(cfg, parent_id, tracking.STEP_TAG) if resume else {})
+        columns = {}
+        for seed, seeded_cfg in configs.items():
+            name = f"seed{seed}"
+            if name in done:
+                if main:
+                    out.print(f"[dim]data seed {seed}: reusing finished pipeline {done[name].run_id}[/]")
+                columns[seed] = done[name].metrics
+                continue
+            if main:
+                out.rule(f"[bold]data seed {seed}: {seeded_cfg.data.root}")
+            columns[seed] = run(seeded_cfg, parent=tracking.Nest(parent_id, name)).metrics
+        if tracker:
+            rows = seed_rows(cfg, columns)
+            table = seeds_table(rows, seeds)
+            tracker.log_metrics({f"{r.key}_{what}": value for r in rows if r.mean is not None
+                                 for what, value in (("mean", r.mean), ("std", r.std))}, step=0)
+            tracker.log_text(reporting.markdown(table), "seeds.md")
+    if main:
+        out.print(table)
+        out.print(f"{len(seeds)} data seeds finished, parent run {parent_id}")
+    return columns
+
+
+@dataclass(frozen=True)
+class SeedRow:
+    what: str
+    key: str
+    values: list[float | None]  # one per data seed
+    mean: float | None  # None unless every seed has the value
+    std: float | None  # population std (ddof 0), as the ablation's
+
+
+def seed_rows(cfg: Config, columns: dict[int, dict[str, float]]) -> list[SeedRow]:
+    """The results table's rows, a value per data seed, with their mean and std."""
+    rows = []
+    for what, key, _ in result_rows({}, {} if cfg.pipeline.compare_to else None, cfg.pipeline.compare_to):
+        values = [column.get(key) for column in columns.values()]
+        known = None not in values
+        rows.append(SeedRow(what, key, values, float(np.mean(values)) if known else None,
+                            float(np.std(values)) if known else None))
+    return rows
+
+
+def seeds_table(rows: list[SeedRow], seeds: list[int]) -> Table:
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    return reporting.table(
+        ("stage", "metric", *(f"seed {seed}" for seed in seeds), "mean", "std"),
+        ((r.what, r.key, *map(cell, [*r.values, r.mean, r.std])) for r in rows),
+        title=f"MCIS over {len(seeds)} held-out data seeds (mIoU unless named)", left=2)
 
 
 # ---- ablation -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -181,6 +182,64 @@ def test_ablation_trains_each_variant_per_seed_and_logs_the_spread(tmp_path, toy
     text = Path(mlc.download_artifacts(parent.info.run_id, "ablation.md", str(tmp_path))).read_text()
     assert "plain CAM" in text and "5 partners" in text
     assert _artifact_count(mlc, parent.info.run_id, "ablation.png") == 1
+
+
+@pytest.mark.slow
+def test_seeds_runs_one_pipeline_per_data_seed_and_logs_mean_and_std(tmp_path, toy_root, store, monkeypatch):
+    data = {"root": str(tmp_path / "data"), "synth": {"seed": 0, "n_train": 24, "n_val": 8, "size": 64}}
+    config = tiny_config(tmp_path, toy_root, "e2e-seeds", data=data, pipeline={"baselines": False})
+    real_export = export.run
+
+    def export_fails_on_seed_4(cfg, **kwargs):
+        if cfg.data.synth.seed == 4:
+            raise OSError("disk full (injected)")
+        return real_export(cfg, **kwargs)
+
+    monkeypatch.setattr(export, "run", export_fails_on_seed_4)
+    assert CliRunner().invoke(app, ["pipeline", "--config", str(config), "--seeds", "3,4"]).exit_code != 0
+    monkeypatch.setattr(export, "run", real_export)
+    result = CliRunner().invoke(app, ["pipeline", "--config", str(config), "--seeds", "3,4"])
+    assert result.exit_code == 0, result.output
+    assert "data seed 3: reusing finished pipeline" in result.output  # the failed attempt's
+    assert "classify: reusing finished run" in result.output.split("data seed 4")[1]  # 4 resumes at export
+
+    mlc = MlflowClient(tracking.tracking_uri())
+    experiment = mlc.get_experiment_by_name("e2e-seeds").experiment_id
+    [parent] = mlc.search_runs([experiment], f"tags.`{tracking.STAGE_TAG}` = 'seeds'")  # reopened, not new
+    assert parent.info.status == "FINISHED" and parent.data.tags["mcis.data_seeds"] == "3,4"
+    children = _children(mlc, parent.info.run_id)
+    assert sorted(children) == ["seed3", "seed4"]
+    for seed, run in zip((3, 4), (children["seed3"], children["seed4"]), strict=True):
+        assert run.data.tags[pipeline.DATA_SEED_TAG] == str(seed) and run.info.status == "FINISHED"
+        assert run.data.params["data.root"] == str(tmp_path / f"data-seed{seed}")
+        assert (tmp_path / f"data-seed{seed}" / "JPEGImages").is_dir()
+    columns = [children["seed3"].data.metrics, children["seed4"].data.metrics]
+    assert columns[0]["seg/miou"] != columns[1]["seg/miou"]  # other images, other scores
+    summary = parent.data.metrics
+    for key in ("mcis/maps_miou", "mcis/pseudo_miou", "seg/miou", "ceiling/fraction", "export/max_abs_diff"):
+        if key == "ceiling/fraction":  # baselines off: no ceiling, no mean
+            assert f"{key}_mean" not in summary
+            continue
+        values = [column[key] for column in columns]
+        assert summary[f"{key}_mean"] == pytest.approx(np.mean(values))
+        assert summary[f"{key}_std"] == pytest.approx(np.std(values))
+    text = Path(mlc.download_artifacts(parent.info.run_id, "seeds.md", str(tmp_path))).read_text()
+    assert "| seed 3 | seed 4 | mean | std |" in text
+    assert f"| {summary['seg/miou_mean']:.4f} | {summary['seg/miou_std']:.4f} |" in text
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--seeds", "1,2"], "--seeds needs the embedded dataset (a data.synth section)"),
+    (["--seeds", "1,x"], "expected comma-separated integers"),
+    (["--seeds", "1,1"], "names a seed twice"),
+    (["--seeds", "1,2", "--ablation"], "--ablation and --seeds together"),
+])
+def test_seeds_refuses_bad_input_in_one_line(tmp_path, toy_root, store, options, message):
+    config = tiny_config(tmp_path, toy_root, "seeds-refused")  # data.synth: None, i.e. real data
+    result = CliRunner().invoke(app, ["pipeline", "--config", str(config), *options])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert tracking.find_runs(load_config(config), "seeds", finished=False) == []
 
 
 def test_settings_2_and_3_report_their_gain_over_setting_1():
