@@ -110,3 +110,30 @@ def threshold_sweep(
     return np.stack([
         confusion_matrix(np.where(best > t, top, 0), gt, num_classes) for t in thresholds
     ])
+
+
+HOT = 0.5  # a map's hot region: where it reaches half its own peak
+
+
+def hot_region_counts(maps: np.ndarray, classes: Sequence[int], mask: np.ndarray, parts: np.ndarray,
+                      part: int = 2, body: int = 1) -> np.ndarray:
+    """Pixel counts [hot, hot on the class's parts, hot on its bodies, part pixels, body pixels]
+    summed over an image's class maps, from its mask and part map (`part` / `body` values): where
+    a localization map falls, the discriminative part or the whole object."""
+    counts = np.zeros(5, np.int64)
+    for plane, cls in zip(np.asarray(maps), classes, strict=True):
+        hot, own = (plane >= HOT * plane.max()) & (plane > 0), mask == cls + 1
+        on_part, on_body = own & (parts == part), own & (parts == body)
+        counts += [hot.sum(), (hot & on_part).sum(), (hot & on_body).sum(), on_part.sum(), on_body.sum()]
+    return counts
+
+
+def hot_region_scores(counts: np.ndarray) -> dict[str, float]:
+    """Shares of the hot region on parts / bodies / off the object, and the recall of each."""
+    hot, hot_part, hot_body, parts, bodies = (float(c) for c in counts)
+    return {
+        "hot_on_part": hot_part / max(hot, 1), "hot_on_body": hot_body / max(hot, 1),
+        "hot_off_object": 1 - (hot_part + hot_body) / max(hot, 1),
+        "part_recall": hot_part / max(parts, 1), "body_recall": hot_body / max(bodies, 1),
+        "object_recall": (hot_part + hot_body) / max(parts + bodies, 1),
+    }

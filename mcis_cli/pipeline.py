@@ -164,6 +164,13 @@ def result_rows(results: dict[str, StageResult], setting1: dict[str, float] | No
     rows = [
         ("localization maps, CAM baseline (train)", "cam/maps_miou", m("localize_cam", "maps/miou")),
         ("localization maps, MCIS (train)", "mcis/maps_miou", m("localize", "maps/miou")),
+        ("CAM maps: hot region off the object", "cam/maps_hot_off_object", m("localize_cam", "maps/hot_off_object")),
+        ("CAM maps: share of part pixels hot", "cam/maps_part_recall", m("localize_cam", "maps/part_recall")),
+        ("CAM maps: share of body pixels hot", "cam/maps_body_recall", m("localize_cam", "maps/body_recall")),
+        ("MCIS maps: hot region off the object", "mcis/maps_hot_off_object", m("localize", "maps/hot_off_object")),
+        ("MCIS maps: share of part pixels hot", "mcis/maps_part_recall", m("localize", "maps/part_recall")),
+        ("MCIS maps: share of body pixels hot", "mcis/maps_body_recall", m("localize", "maps/body_recall")),
+        ("computed saliency: foreground IoU (train)", "saliency/fg_iou", m("pseudolabel", "saliency/fg_iou")),
         ("pseudo masks from CAM maps (train)", "cam/pseudo_miou", m("pseudolabel_cam", "pseudo/miou")),
         ("pseudo masks, MCIS (train)", "mcis/pseudo_miou", m("pseudolabel", "pseudo/miou")),
         ("pseudo masks, MCIS: precision", "mcis/pseudo_precision", m("pseudolabel", "pseudo/precision")),

@@ -102,3 +102,17 @@ def test_threshold_sweep_matches_argmax_over_background_and_maps():
         np.testing.assert_array_equal(cm, metrics.confusion_matrix(expected, gt, 6))
     empty = metrics.threshold_sweep(np.zeros((0, 9, 11)), [], gt, thresholds, 6)
     assert (empty[:, :, 1:] == 0).all()  # no maps: all background
+
+
+def test_hot_region_counts_place_a_map_on_part_body_and_background():
+    """A 1 x 6 image: background, body, body, part, background, other class's body; the map is
+    hot (>= half its peak) on one body pixel, the part and one background pixel."""
+    mask = np.array([[0, 1, 1, 1, 0, 2]])
+    parts = np.array([[0, 1, 1, 2, 0, 1]])
+    plane = np.array([[0.1, 0.2, 0.6, 1.2, 0.7, 0.9]])  # peak 1.2: hot from 0.6 on
+    counts = metrics.hot_region_counts(plane[None], [0], mask, parts)
+    assert counts.tolist() == [4, 1, 1, 1, 2]
+    scores = metrics.hot_region_scores(counts)
+    assert scores["hot_on_part"] == 0.25 and scores["hot_off_object"] == 0.5
+    assert scores["part_recall"] == 1.0 and scores["body_recall"] == 0.5 and scores["object_recall"] == 2 / 3
+    assert metrics.hot_region_counts(np.zeros((1, 1, 6)), [0], mask, parts).tolist() == [0, 0, 0, 1, 2]

@@ -34,15 +34,15 @@ def test_same_seed_gives_a_byte_identical_tree(tmp_path):
     a = _tree_hash(tmp_path / "a")
     assert a == _tree_hash(tmp_path / "b")
     assert a != _tree_hash(tmp_path / "c")
-    assert len(a) == 6 * 2 + 3 * 2 + 2 + 4 + 8  # images, masks, extra, web, lists/readme/classes
+    assert len(a) == 6 * 3 + 3 * 3 + 2 + 4 + 8  # images, masks, part maps, extra, web, lists/readme/classes
     synth.write(tmp_path / "d", seed=7, **{**SMALL, "n_train": 7})
     d = _tree_hash(tmp_path / "d")
-    assert all(d[k] == a[k] for k in a if k.startswith(("JPEGImages/", "SegmentationClassAug/")))
+    assert all(d[k] == a[k] for k in a if k.startswith(("JPEGImages/", "SegmentationClassAug/", voc.PARTS)))
 
 
 def test_toy_tree_content_is_pinned(tmp_path):
-    """The masks, lists and README of a small toy tree as generator version 1 wrote them before
-    the VOC profile existed (the demo's results depend on them; JPEG bytes were compared too)."""
+    """The masks, part maps, lists and README of a small toy tree as generator version 2 writes
+    them (the demo's results depend on them)."""
     root = tmp_path / "toy"
     synth.write(root, seed=7, **SMALL)
     digest = hashlib.sha256()
@@ -51,7 +51,7 @@ def test_toy_tree_content_is_pinned(tmp_path):
             digest.update(transforms.read_index_png(path).tobytes())
         elif path.suffix in (".txt", ".md"):
             digest.update(path.read_bytes())
-    assert digest.hexdigest() == "dd2e8c186b94659edaff5742361d6dcca7a0c92502e6491b2da9eff5be735e4f"
+    assert digest.hexdigest() == "cea912f7f1b07f0babba22ef013fa49383ce98914e1a79105ea7020e31d88ac7"
 
 
 def test_voc_profile_is_shaped_as_voc(tmp_path):
@@ -138,6 +138,48 @@ def test_objects_are_a_big_body_with_a_small_part():
             if part:
                 ratio = (part[0].alpha >= 0.5).sum() / (body.alpha >= 0.5).sum()
                 assert 0.02 < ratio < 0.25
+
+
+def test_part_maps_split_each_object_into_body_and_part(toy_root):
+    """Every object pixel is body or part, nothing else is; the part is a small share of its object."""
+    shares = []
+    for sample in voc.split_samples(toy_root, "train_aug"):
+        mask, parts = voc.load_mask(toy_root, sample.id), voc.load_parts(toy_root, sample.id)
+        assert parts.shape == mask.shape and set(np.unique(parts)) <= {synth.BACKGROUND, synth.BODY, synth.PART}
+        inner = mask != 255
+        assert ((mask[inner] > 0) == (parts[inner] != synth.BACKGROUND)).all()
+        for cls in sample.labels:
+            own = mask == cls + 1
+            shares.append((own & (parts == synth.PART)).sum() / own.sum())
+    assert 0.05 < np.median(shares) < 0.35 and min(shares) > 0  # no object lost its part
+
+
+def test_scenes_follow_the_configured_co_occurrence():
+    """Further objects are the first one's companion (of another family) as often as COMPANION
+    says, plus chance; the canvas is the first object's habitat as often as CONTEXT says."""
+    k, rng = len(synth.CLASSES), np.random.default_rng(0)
+    scenes = [synth._scene_classes(rng, k) for _ in range(6000)]
+    further = [(s[0], c) for s in scenes for c in s[1:]]
+    rate = np.mean([c == synth.companion(first, k) for first, c in further])
+    assert abs(rate - (synth.COMPANION + (1 - synth.COMPANION) / k)) < 0.03
+    assert np.mean([len(s) == 1 for s in scenes]) == pytest.approx(0.5, abs=0.03)
+    for cls in range(k):
+        assert synth.CLASSES[synth.companion(cls, k)].family is not synth.CLASSES[cls].family
+    assert all(synth.VOC_CLASSES[synth.companion(c, 20)].family is not synth.VOC_CLASSES[c].family
+               for c in range(20))
+    habitats = [synth.scene_habitat(rng, s, synth.CLASSES) for s in scenes]
+    assert np.mean([h is not None for h in habitats]) == pytest.approx(synth.CONTEXT, abs=0.03)
+    assert all(h is None or h is synth.CLASSES[s[0]].family.habitat for h, s in zip(habitats, scenes, strict=True))
+
+
+def test_a_habitat_gives_the_background_its_hue():
+    """A habitat canvas sits in its hue band; the muted one is far less saturated."""
+    import colorsys
+
+    for habitat in (synth.GRASS, synth.SAND, synth.SKY, synth.WATER):
+        canvas = np.clip(synth._background(np.random.default_rng(1), (64, 64), habitat), 0, 255)
+        h, s, _ = colorsys.rgb_to_hsv(*(canvas.reshape(-1, 3).mean(0) / 255))
+        assert min(abs(h - habitat.hue), 1 - abs(h - habitat.hue)) < 0.06 and s > 0.15
 
 
 def test_objects_stand_out_from_the_background(toy_root):

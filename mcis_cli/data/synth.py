@@ -4,8 +4,15 @@ Every object is a large textured body plus one small coloured part. Classes come
 whose bodies are drawn from the same distribution (shape, texture, hue), so within a family only
 the part tells classes apart: the classifier has to find a few pixels of colour, and nothing in
 its loss asks it to cover the rest of the object. The body is consistent within a class, so
-co-attention between two images of one class has a whole object to agree on. Backgrounds are muted
-and cluttered; objects are saturated, so an image-only saliency method mostly finds them.
+co-attention between two images of one class has a whole object to agree on.
+
+Version 2 adds what real data has beside that. Shared context: most images are drawn on the
+habitat of their first object's family (grass, sand, sky: boats on water), a canvas more saturated
+than the muted one, so context co-occurs with classes and the computed saliency is good but not
+perfect. Co-occurrence: a scene's further objects are mostly its first object's companion class,
+from another family (people with horses). Each image also gets a part map (0 background, 1 body,
+2 part), so where a localization map falls, the part or the whole object, is measured
+(`metrics.hot_region_counts`), not assumed. What was measured is in docs/dataset.md.
 
 Rendering is analytic (4x4 supersampled coverage) with numpy; files are written with Pillow.
 Each image draws from its own generator seeded by (seed, split, index), so a tree is
@@ -25,18 +32,33 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mcis_cli.data import voc
 from mcis_cli.data.transforms import palette_image
 from mcis_cli.data.voc import VOC_CLASSES as VOC_NAMES
 from mcis_cli.errors import McisError
 from mcis_cli.files import exclusive_file, umask
 
-VERSION = 1
+VERSION = 2
 MARKER = "mcis synthetic dataset"  # first line of README.md: lets force=True recognise its own tree
 JPEG_QUALITY = 90
 SS = 4  # supersampling per axis for anti-aliased coverage
 WEB_NOISE = 0.25  # share of web images whose listed class is absent from the image
+BODY_SIZE = (11.0, 20.0)  # the body's long semi-axis in px of a 96 px image
+CONTEXT = 0.7  # share of images drawn on the habitat of their first object's family
+COMPANION = 0.6  # chance that a further object of a scene is the first one's companion class
+BACKGROUND, BODY, PART = 0, 1, 2  # values of the part maps (voc.PARTS), for measuring maps only
 
 Field = Callable[[np.ndarray, np.ndarray], np.ndarray]  # local (u, v) -> inside (bool)
+
+
+@dataclass(frozen=True)
+class Habitat:
+    """A family's usual surroundings (boats on water): a hue band and a texture of the canvas."""
+
+    hue: float
+    saturation: tuple[float, float]
+    value: tuple[float, float]
+    texture: Callable[[np.ndarray, np.ndarray], np.ndarray]  # image px coords -> -1..1
 
 
 @dataclass(frozen=True)
@@ -44,6 +66,7 @@ class Family:
     body: Field  # in units of the semi-axes (a, b)
     texture: Callable[[np.ndarray, np.ndarray], np.ndarray]  # local px coords -> 0..1 shade
     hue: float
+    habitat: Habitat
 
 
 @dataclass(frozen=True)
@@ -106,9 +129,29 @@ def _bar(u, v):
     return (np.abs(u) <= 1) & (np.abs(v) <= 0.38)
 
 
-POD = Family(_ellipse, _spots, hue=0.08)  # orange spotted ellipses
-CRATE = Family(_rounded_box, _stripes, hue=0.46)  # teal striped rounded boxes
-KITE = Family(_diamond, _checker, hue=0.76)  # violet checkered diamonds
+def _blades(x, y):
+    return np.sin(x * 1.7 + 2 * np.sin(y * 0.21)) * np.sin(y * 0.33)
+
+
+def _ripples(x, y):
+    return np.sin(y * 0.9 + 1.5 * np.sin(x * 0.15))
+
+
+def _haze(x, y):
+    return np.sin(x * 0.05 + y * 0.03)
+
+
+def _dunes(x, y):
+    return np.sin((x + 2 * y) * 0.12)
+
+
+GRASS = Habitat(0.30, (0.30, 0.45), (0.35, 0.55), _blades)
+SAND = Habitat(0.12, (0.25, 0.40), (0.55, 0.75), _dunes)
+SKY = Habitat(0.58, (0.20, 0.35), (0.70, 0.90), _haze)
+WATER = Habitat(0.52, (0.30, 0.45), (0.35, 0.55), _ripples)
+POD = Family(_ellipse, _spots, hue=0.08, habitat=GRASS)  # orange spotted ellipses, in grass
+CRATE = Family(_rounded_box, _stripes, hue=0.46, habitat=SAND)  # teal striped rounded boxes, on sand
+KITE = Family(_diamond, _checker, hue=0.76, habitat=SKY)  # violet checkered diamonds, in the sky
 CLASSES = (
     ObjectClass("pod_star", POD, _star, (255, 225, 0)),
     ObjectClass("pod_ring", POD, _ring, (30, 80, 255)),
@@ -121,7 +164,7 @@ CLASSES = (
 )
 CLASS_NAMES = [c.name for c in CLASSES]
 PARTS = (_star, _ring, _cross, _triangle, _square, _dot, _bar, _diamond)
-DART = Family(_triangle, _stripes, hue=0.6)  # blue striped triangles: a fourth family for VOC's 20
+DART = Family(_triangle, _stripes, hue=0.6, habitat=WATER)  # a fourth family for VOC's 20: blue striped triangles
 # The VOC profile's classes: VOC's names in VOC order; class i is a body of family i // 5 with
 # part shape i % 8 in its own colour (hues 0.382 turns apart).
 VOC_CLASSES = tuple(
@@ -140,6 +183,7 @@ class Layer:
     colour: np.ndarray  # HxWx3 float in the box
     label: int  # mask value: class + 1, or 0 for background occluders
     instance: int  # object index, -1 for occluders
+    kind: int = BACKGROUND  # what the part map says under it: BACKGROUND, BODY or PART
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -168,8 +212,8 @@ def _box(cx: float, cy: float, radius: float, shape: tuple[int, int]) -> tuple[i
     return (top, left, bottom - top, right - left) if bottom > top and right > left else None
 
 
-def _solid(box, alpha: np.ndarray, colour: np.ndarray, label: int, instance: int) -> Layer:
-    return Layer(box[0], box[1], alpha, np.broadcast_to(colour, (*alpha.shape, 3)), label, instance)
+def _solid(box, alpha: np.ndarray, colour: np.ndarray, label: int, instance: int, kind: int = BACKGROUND) -> Layer:
+    return Layer(box[0], box[1], alpha, np.broadcast_to(colour, (*alpha.shape, 3)), label, instance, kind)
 
 
 def _object(rng: np.random.Generator, cls: int, shape: tuple[int, int], instance: int,
@@ -177,7 +221,7 @@ def _object(rng: np.random.Generator, cls: int, shape: tuple[int, int], instance
     """Body and part layers of object class `table[cls]` in an image of (h, w) `shape`, placed at
     random with random pose and colours; sizes scale with the short side (96 px: the toy's)."""
     spec, scale = table[cls], min(shape) / 96
-    a = rng.uniform(11, 20) * scale
+    a = rng.uniform(*BODY_SIZE) * scale
     b = a * rng.uniform(0.6, 0.85)
     cx, cy = rng.uniform(0.15, 0.85, size=2) * shape[::-1]
     angle = rng.uniform(0, 2 * np.pi)
@@ -190,9 +234,9 @@ def _object(rng: np.random.Generator, cls: int, shape: tuple[int, int], instance
     shade = 1 - rng.uniform(0.3, 0.45) * spec.family.texture(
         u + rng.uniform(0, 7), v + rng.uniform(0, 7)
     )
-    layers = [Layer(box[0], box[1], body, shade[..., None] * base, cls + 1, instance)]
+    layers = [Layer(box[0], box[1], body, shade[..., None] * base, cls + 1, instance, BODY)]
 
-    r = a * rng.uniform(0.26, 0.32)
+    r = a * rng.uniform(0.34, 0.40)  # about one cell of the classifier's stride-8 features
     c, s = np.cos(angle), np.sin(angle)
     pu, pv = a * rng.uniform(0.45, 0.6), b * rng.uniform(-0.2, 0.2)  # near the body's "head"
     px, py = cx + c * pu - s * pv, cy + s * pu + c * pv
@@ -201,7 +245,7 @@ def _object(rng: np.random.Generator, cls: int, shape: tuple[int, int], instance
     if part_box is not None:
         alpha = _coverage(spec.part, (r, r), part_box, (px, py), part_angle)
         colour = np.clip(np.array(spec.colour, np.float32) + rng.uniform(-15, 15, 3), 0, 255)
-        layers.append(_solid(part_box, alpha, colour, cls + 1, instance))
+        layers.append(_solid(part_box, alpha, colour, cls + 1, instance, PART))
     return layers
 
 
@@ -216,9 +260,16 @@ def _clutter(rng: np.random.Generator, shape: tuple[int, int]) -> Layer:
     return _solid(box, alpha, colour, 0, -1)
 
 
-def _background(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """A muted, low-saturation canvas with smooth colour variation and grain."""
-    base = _hsv(rng.uniform(), rng.uniform(0.05, 0.25), rng.uniform(0.35, 0.7))
+def _background(rng: np.random.Generator, shape: tuple[int, int], habitat: Habitat | None) -> np.ndarray:
+    """A canvas with smooth colour variation and grain: muted and of any hue, or a habitat's
+    textured band, more saturated (a harder case for saliency)."""
+    if habitat is None:
+        base = _hsv(rng.uniform(), rng.uniform(0.05, 0.25), rng.uniform(0.35, 0.7))
+    else:
+        base = _hsv(habitat.hue + rng.uniform(-0.03, 0.03), rng.uniform(*habitat.saturation),
+                    rng.uniform(*habitat.value))
+        y, x = np.mgrid[: shape[0], : shape[1]].astype(np.float32) * (96 / min(shape))
+        base = base * (1 + 0.12 * habitat.texture(x + rng.uniform(0, 50), y + rng.uniform(0, 50)))[..., None]
     coarse = rng.uniform(-30, 30, size=(5, 5, 3)).astype(np.float32)
     smooth = [
         Image.fromarray(coarse[..., i]).resize(shape[::-1], Image.Resampling.BICUBIC)
@@ -230,11 +281,13 @@ def _background(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
 
 def _composite(
     canvas: np.ndarray, layers: list[Layer]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Paint layers in order; returns the image, the mask (255 on anti-aliased object edges) and
-    the instance map. Edges between equal labels (part on body, clutter on background) stay clean."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Paint layers in order; returns the image, the mask (255 on anti-aliased object edges), the
+    instance map and the part map. Edges between equal labels (part on body, clutter on
+    background) stay clean."""
     shape = canvas.shape[:2]
     label = np.zeros(shape, np.uint8)
+    kind = np.zeros(shape, np.uint8)
     instance = np.full(shape, -1, np.int16)
     soft = np.zeros(shape, bool)
     for layer in layers:
@@ -247,26 +300,34 @@ def _composite(
         soft[window] |= mixed
         label[window] = np.where(alpha >= 0.5, layer.label, label[window])
         instance[window] = np.where(alpha >= 0.5, layer.instance, instance[window])
+        kind[window] = np.where(alpha >= 0.5, layer.kind, kind[window])
     mask = np.where(soft, 255, label).astype(np.uint8)
-    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), mask, instance
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), mask, instance, kind
+
+
+def scene_habitat(rng: np.random.Generator, classes: list[int], table: tuple[ObjectClass, ...]) -> Habitat | None:
+    """The first object's habitat with probability CONTEXT, else None (a muted canvas of any hue)."""
+    return table[classes[0]].family.habitat if rng.random() < CONTEXT else None
 
 
 def render(rng: np.random.Generator, classes: list[int], shape: tuple[int, int], clutter: int, occluder: bool,
            table: tuple[ObjectClass, ...] = CLASSES):
-    """One (h, w) `shape` image holding one object of `table` per entry of `classes`: (image, mask).
+    """One (h, w) `shape` image holding one object of `table` per entry of `classes`: (image,
+    mask, part map). With probability CONTEXT the canvas is the first object's habitat.
 
     Layouts are redrawn until every object keeps at least half its area and half its part.
     """
+    habitat = scene_habitat(rng, classes, table)
     for _ in range(50):
-        canvas = _background(rng, shape)
+        canvas = _background(rng, shape, habitat)
         layers = [_clutter(rng, shape) for _ in range(clutter)]
         objects = [_object(rng, c, shape, i, table) for i, c in enumerate(classes)]
         layers += [layer for obj in objects for layer in obj]
         if occluder and rng.random() < 0.5:
             layers.append(_clutter(rng, shape))
-        image, mask, instance = _composite(canvas, layers)
+        image, mask, instance, parts = _composite(canvas, layers)
         if all(_visible(obj, instance, i) for i, obj in enumerate(objects)):
-            return image, mask
+            return image, mask, parts
     raise RuntimeError("could not place objects without hiding one; lower the object count")
 
 
@@ -326,9 +387,18 @@ def _save_saliency(root: Path, profile: Profile, image_id: str, mask: np.ndarray
         Image.fromarray(np.uint8(255) * (mask > 0).astype(np.uint8)).save(folder / f"{image_id}.png", format="PNG")
 
 
+def companion(cls: int, k: int) -> int:
+    """The class that class `cls` mostly appears with (as people with horses): one of another
+    family, half the class list away (families are consecutive runs of classes)."""
+    return (cls + k // 2) % k
+
+
 def _scene_classes(rng: np.random.Generator, k: int) -> list[int]:
+    """1-3 objects; the first of any class, each further one its companion with probability COMPANION."""
     count = rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])
-    return [int(c) for c in rng.integers(0, k, size=count)]
+    first = int(rng.integers(0, k))
+    return [first, *(companion(first, k) if rng.random() < COMPANION else int(rng.integers(0, k))
+                     for _ in range(count - 1))]
 
 
 def _write_split(root: Path, split: str, code: int, n: int, seed: int, size: int, profile: Profile) -> list[str]:
@@ -338,10 +408,11 @@ def _write_split(root: Path, split: str, code: int, n: int, seed: int, size: int
         rng = np.random.default_rng([seed, code, i])
         shape = profile.shape(rng, size)
         classes = _scene_classes(rng, len(profile.classes))
-        image, mask = render(rng, classes, shape, int(rng.integers(3, 9)), True, profile.classes)
+        image, mask, parts = render(rng, classes, shape, int(rng.integers(3, 9)), True, profile.classes)
         image_id = f"{split}_{i:05d}"
         _save_jpeg(root / "JPEGImages" / f"{image_id}.jpg", image)
         palette_image(mask).save(root / "SegmentationClassAug" / f"{image_id}.png", format="PNG")
+        Image.fromarray(parts).save(root / voc.PARTS / f"{image_id}.png", format="PNG")
         if split == "train":
             _save_saliency(root, profile, image_id, mask)
         lines.append(" ".join([image_id, *map(str, sorted(set(classes)))]))
@@ -355,7 +426,7 @@ def _write_extra(root: Path, n: int, seed: int, size: int, profile: Profile) -> 
         rng = np.random.default_rng([seed, 2, i])
         shape = profile.shape(rng, size)
         cls = int(rng.integers(0, len(profile.classes)))
-        image, mask = render(rng, [cls], shape, int(rng.integers(0, 3)), False, profile.classes)
+        image, mask, _ = render(rng, [cls], shape, int(rng.integers(0, 3)), False, profile.classes)
         _save_jpeg(root / "extra" / f"extra_{i:05d}.jpg", image)
         _save_saliency(root, profile, f"extra_extra_{i:05d}", mask)  # voc.py's id: <list>_<stem>
         lines.append(f"extra/extra_{i:05d}.jpg {cls + 1}")
@@ -379,7 +450,7 @@ def _write_web(root: Path, n: int, seed: int, size: int, profile: Profile) -> tu
         else:
             classes[0] = query
         wrong += query not in classes
-        image, mask = render(rng, classes, shape, int(rng.integers(3, 9)), True, table)
+        image, mask, _ = render(rng, classes, shape, int(rng.integers(3, 9)), True, table)
         _save_jpeg(root / "web" / f"web_{i:05d}.jpg", image)
         _save_saliency(root, profile, f"web_web_{i:05d}", mask)
         lines.append(f"web/web_{i:05d}.jpg {query + 1}")
@@ -389,7 +460,8 @@ def _write_web(root: Path, n: int, seed: int, size: int, profile: Profile) -> tu
 def _readme(seed: int, sizes: dict[str, int], size: int, web_wrong: int, profile: Profile) -> str:
     """What was written and how to write it again."""
     classes = "\n".join(
-        f"{i:2d}  {c.name:14s} part colour {c.colour}" for i, c in enumerate(profile.classes)
+        f"{i:2d}  {c.name:14s} part colour {c.colour} ({companion(i, len(profile.classes))})"
+        for i, c in enumerate(profile.classes)
     )
     counts = ", ".join(f"{k} {v}" for k, v in sizes.items())
     options = " ".join(f"--n-{k} {v}" for k, v in sizes.items())
@@ -399,8 +471,9 @@ def _readme(seed: int, sizes: dict[str, int], size: int, web_wrong: int, profile
         command = f"mcis data synth --profile {profile.name} --seed {seed} {options}"
     else:
         what, command = f"images of {size}x{size} px", f"mcis data synth --seed {seed} --size {size} {options}"
-    families = ("pod: orange spotted ellipse, crate: teal striped\n"
-                "box, kite: violet checkered diamond" + (", dart: blue striped triangle" if profile is VOC else ""))
+    families = ("pod: orange spotted ellipse in grass, crate: teal\n"
+                "striped box on sand, kite: violet checkered diamond in the sky"
+                + (", dart: blue striped triangle on water" if profile is VOC else ""))
     cue = (f"{profile.saliency_dir}/ holds binary saliency maps (255 on the objects) of the training\n"
            "images, a perfect stand-in for the DSS maps of the real data.\n" if profile.saliency_dir else "")
     return (
@@ -410,10 +483,15 @@ def _readme(seed: int, sizes: dict[str, int], size: int, web_wrong: int, profile
         "Layout: JPEGImages/, SegmentationClassAug/ (palette PNG: 0 background, class+1, 255 on\n"
         "object edges), ImageSets/Segmentation/{train_aug,val}.txt and {train,val}_cls.txt\n"
         "(0-based labels); extra.txt / web.txt list `<file> <class>` with 1-based classes.\n"
+        f"{voc.PARTS}/ (grey PNG: 0 background, 1 body, 2 part) of the train and val images: for\n"
+        "measuring where localization maps fall, never for training.\n"
         f"{cue}"
         f"Web images whose listed class is absent: {web_wrong} of {sizes.get('web', 0)}.\n\n"
-        f"Each object = a body shared by its family ({families}) + a small part whose shape and colour name the class.\n\n"
-        f"Classes (0-based):\n{classes}\n"
+        f"Each object = a body shared by its family ({families}) + a small part whose shape and colour name the class.\n"
+        f"{CONTEXT:.0%} of the images are drawn on the habitat of their first object's family; each further\n"
+        f"object is the first one's companion class (another family's) with probability {COMPANION:.0%}.\n"
+        "Measured properties (where plain CAM maps fall, the saliency's IoU): docs/dataset.md.\n\n"
+        f"Classes (0-based, companion in brackets):\n{classes}\n"
     )
 
 
@@ -460,7 +538,7 @@ def _write(out: Path, seed: int, n_train: int, n_val: int, size: int, n_extra: i
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         lists = tmp / "ImageSets" / "Segmentation"
-        for folder in (tmp / "JPEGImages", tmp / "SegmentationClassAug", lists):
+        for folder in (tmp / "JPEGImages", tmp / "SegmentationClassAug", tmp / voc.PARTS, lists):
             folder.mkdir(parents=True)
         train = _write_split(tmp, "train", 0, n_train, seed, size, profile)
         val = _write_split(tmp, "val", 1, n_val, seed, size, profile)

@@ -32,6 +32,7 @@ VOC_CLASSES = (
 )  # fmt: skip
 IMAGES = "JPEGImages"
 MASKS = "SegmentationClassAug"
+PARTS = "SegmentationPart"  # embedded data only: 0 background, 1 object body, 2 its class's part
 LISTS = "ImageSets/Segmentation"
 CLS_FILES = ("train_cls.txt", "val_cls.txt")
 REPORT_LIMIT = 50  # problems printed by print_report; the report keeps all of them
@@ -235,6 +236,13 @@ def mask_path(root: str | Path, image_id: str) -> Path:
 def load_mask(root: str | Path, image_id: str) -> np.ndarray:
     """uint8 HxW: 0 background, 1..K classes, 255 ignore. Evaluation and `segment --labels gt` only."""
     return read_index_png(mask_path(root, image_id))
+
+
+def load_parts(root: str | Path, image_id: str) -> np.ndarray | None:
+    """The part map of an embedded image (None for trees without one): to measure where
+    localization maps fall within objects, evaluation only."""
+    path = _inside(Path(root) / PARTS / f"{_safe_id(image_id, 'part map')}.png", root, "part map")
+    return read_index_png(path) if path.is_file() else None
 
 
 def saliency_path(root: str | Path, saliency_dir: str, image_id: str) -> Path:

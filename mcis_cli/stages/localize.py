@@ -280,24 +280,29 @@ def compute_maps(model: MCISNet, items: Sequence[Item], samples: Sequence[voc.Sa
 def maps_quality(samples: Sequence[voc.Sample], maps_dir: Path, root: str,
                  class_names: Sequence[str], thresholds: Sequence[float]) -> dict | None:
     """mIoU of argmax over [background threshold, maps] for each threshold, on the images that
-    have a ground-truth mask. None when no image has one. Under torchrun each rank sums its
-    share of the images and the counts are added up."""
+    have a ground-truth mask, and where the maps' hot regions fall (part / body / off the
+    object) on those with a part map. None when no image has a mask. Under torchrun each rank
+    sums its share of the images and the counts are added up."""
     names = ["background", *class_names]
     total = np.zeros((len(thresholds), len(names), len(names)), np.int64)
+    hot = np.zeros(5, np.int64)
     scored = 0
     for sample in runtime.shard(samples):
         if not voc.mask_path(root, sample.id).is_file():
             continue
         maps, classes = load_maps(map_file(maps_dir, sample.id))
-        total += metrics.threshold_sweep(maps, classes, voc.load_mask(root, sample.id),
-                                         thresholds, len(names))
+        mask, parts = voc.load_mask(root, sample.id), voc.load_parts(root, sample.id)
+        total += metrics.threshold_sweep(maps, classes, mask, thresholds, len(names))
+        if parts is not None:
+            hot += metrics.hot_region_counts(maps, classes, mask, parts)
         scored += 1
     if not runtime.all_sum(np.array([scored]))[0]:
         return None
-    total = runtime.all_sum(total)
+    total, hot = runtime.all_sum(total), runtime.all_sum(hot)
     curve = [metrics.scores(cm, names) for cm in total]
     best = int(np.argmax([s["miou"] for s in curve]))
-    return {"curve": curve, "best": best, "threshold": thresholds[best], "cm": total[best]}
+    return {"curve": curve, "best": best, "threshold": thresholds[best], "cm": total[best],
+            "hot": metrics.hot_region_scores(hot) if hot[0] else {}}
 
 
 # ---- the stage -------------------------------------------------------------------------------
@@ -415,9 +420,12 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
             best = quality["curve"][quality["best"]]
             result.update(metrics.mlflow_metrics(best, prefix="maps/"))
             result["maps/best_threshold"] = quality["threshold"]
+            result.update({f"maps/{key}": value for key, value in quality["hot"].items()})
         if tracker:
             _report(tracker, cfg, items, maps_dir, previews_dir, result, quality)
-    headline = {k: result[k] for k in ("maps/miou", "maps/best_threshold") if k in result}
+    headline = {k: result[k] for k in ("maps/miou", "maps/best_threshold", "maps/hot_on_part", "maps/hot_on_body",
+                                       "maps/hot_off_object", "maps/part_recall", "maps/body_recall")
+                if k in result}
     return StageResult(run_id, headline or result, {artifacts.MAPS: str(maps_dir)})
 
 

@@ -140,6 +140,7 @@ class Outcome:
     sweep: np.ndarray | None = None  # (T, C, C)
     fmeasure: float | None = None
     mae: float | None = None
+    overlap: tuple[int, int] = (0, 0)  # saliency foreground vs object pixels: intersection, union
 
 
 def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num_classes: int) -> Outcome:
@@ -168,6 +169,8 @@ def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num
             fg = (gt > 0) & valid
             outcome.fmeasure = saliency.fmeasure(sal, fg, valid=valid)
             outcome.mae = saliency.mae(sal[valid], fg[valid])
+            salient = (sal > 0.5) & valid
+            outcome.overlap = (int((salient & fg).sum()), int((salient | fg).sum()))
     return outcome
 
 
@@ -190,7 +193,7 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
         total_cm = np.zeros((len(names), len(names)), np.int64)
         sweep_cm = np.zeros((len(p.sweep), len(names), len(names)), np.int64)
         ignored, sweep_ignored, pixels = 0, np.zeros(len(p.sweep), np.int64), 0
-        sal_scores: list[tuple[int, float, float]] = []
+        sal_scores: list[tuple[int, float, float, int, int]] = []
         any_gt = 0
         mine = runtime.shard(list(enumerate(samples)), [1 + len(s.labels) for s in samples])
         workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -208,7 +211,7 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
                     if outcome.sweep is not None:
                         sweep_cm += outcome.sweep
                 if outcome.fmeasure is not None:
-                    sal_scores.append((index, outcome.fmeasure, outcome.mae))
+                    sal_scores.append((index, outcome.fmeasure, outcome.mae, *outcome.overlap))
                 progress.advance(task)
         runtime.settle("pseudolabel")
         ignored, pixels, any_gt = runtime.all_sum(np.array([ignored, pixels, any_gt]))
@@ -224,15 +227,17 @@ def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None =
                 if values:
                     result[f"pseudo/{name}"] = float(np.mean(values))
         if sal_scores:
-            result["saliency/fmeasure"] = float(np.mean([f for _, f, _ in sal_scores]))
-            result["saliency/mae"] = float(np.mean([m for _, _, m in sal_scores]))
+            _, fmeasure, mae, inter, union = np.array(sal_scores, np.float64).T
+            result["saliency/fmeasure"] = float(fmeasure.mean())
+            result["saliency/mae"] = float(mae.mean())
+            result["saliency/fg_iou"] = float(inter.sum() / max(union.sum(), 1))  # as the masks use it
         ignore_curve = (sweep_ignored / max(pixels, 1)).tolist()
         miou_curve = [metrics.scores(cm, names)["miou"] for cm in sweep_cm] if any_gt else [np.nan] * len(p.sweep)
         if tracker:
             _report(tracker, cfg, samples, out_dir, names, total_cm if any_gt else None, result,
                     ignore_curve, miou_curve)
     headline = {k: result[k] for k in ("pseudo/miou", "pseudo/precision", "pseudo/recall", "pseudo/ignore_frac",
-                                       "saliency/fmeasure") if k in result}
+                                       "saliency/fmeasure", "saliency/fg_iou") if k in result}
     return StageResult(run_id, headline, {artifacts.PSEUDO: str(out_dir)})
 
 
