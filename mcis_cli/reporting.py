@@ -175,10 +175,14 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[str]], title: str | No
 
 
 def markdown(shown: Table) -> str:
-    """The same table as GitHub markdown, for results.md files logged beside the runs."""
+    """The same table as GitHub markdown, for results.md files logged beside the runs (a `|`
+    inside a cell is escaped, or it would split the cell)."""
+    def row(values) -> str:
+        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+
     cells = [list(column.cells) for column in shown.columns]
-    lines = ["| " + " | ".join(str(c.header) for c in shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in zip(*cells, strict=True)]
+    lines = [row(c.header for c in shown.columns), "|" + "---|" * len(shown.columns)]
+    lines += [row(values) for values in zip(*cells, strict=True)]
     return "\n".join(lines) + "\n"
 
 
