@@ -85,20 +85,19 @@ def test_crop_at_scale_one_is_the_padded_image_and_mask(painted):
         pad = torch.ones(64, 64, dtype=torch.bool)
         pad[:48, :48] = False
         assert (mask[pad] == 255).all()  # padding is ignore, never background
-        assert image[:, pad].abs().max() < 0.03  # and the mean colour: zero once normalised
+        assert (image[:, pad] == torch.tensor(transforms.MEAN_RGB).view(3, 1)).all()  # and the mean colour
+        assert transforms.normalize(image)[:, pad].abs().max() < 0.03  # zero once normalised
     assert mirrored == {False, True}
 
 
 def test_random_crops_keep_colours_on_their_labels(painted):
     seg = SegmentCfg(crop=40, scale_range=[0.7, 1.3])
     data = segment.CropDataset([painted], 3, seg, seed=0)
-    mean = torch.tensor(transforms.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(transforms.IMAGENET_STD).view(3, 1, 1)
     scales_seen = set()
     for epoch in range(16):
         image, mask = data[(0, epoch)]
         assert set(mask.unique().tolist()) <= {0, 1, 2, 255}  # nearest: no blended labels
-        rgb = (image * std + mean) * 255
+        rgb = image.float()
         for label in (1, 2):  # pixels of a pure label colour (off the blended edges) carry it
             pure = (rgb - torch.tensor(COLOURS[label]).view(3, 1, 1)).abs().amax(0) < 4
             assert (mask[pure] == label).all()
@@ -106,6 +105,30 @@ def test_random_crops_keep_colours_on_their_labels(painted):
     assert len(scales_seen) > 4  # the scale really varies
     again = segment.CropDataset([painted], 3, seg, seed=0)[(0, 5)]
     assert torch.equal(again[0], data[(0, 5)][0])  # the key alone fixes the crop
+
+
+def test_cached_pairs_give_the_crops_of_fresh_reads_decoded_once(painted, monkeypatch):
+    reads = []
+    real = transforms.load_image
+    monkeypatch.setattr(transforms, "load_image", lambda path: (reads.append(path), real(path))[1])
+    seg = SegmentCfg(crop=40, scale_range=[0.7, 1.3])
+    cached = segment.CropDataset([painted], 3, seg, seed=0)
+    crops = [cached[(0, epoch)] for epoch in range(8)]
+    assert len(reads) == 1  # later epochs only augment
+    fresh = segment.CropDataset([painted], 3, seg, seed=0, cache_mb=0)  # no room: every read decodes
+    for epoch, (image, mask) in enumerate(crops):
+        again = fresh[(0, epoch)]
+        assert torch.equal(image, again[0]) and torch.equal(mask, again[1])
+    assert len(reads) == 9 and not fresh.cache
+
+
+def test_prepare_normalises_the_batch_as_each_image_was(painted):
+    data = segment.CropDataset([painted], 3, SegmentCfg(crop=40), seed=0)
+    images, masks = torch.utils.data.default_collate([data[(0, epoch)] for epoch in range(3)])
+    x, y = segment.prepare(images, masks, torch.device("cpu"))
+    for i in range(3):  # what transforms.to_tensor gave each crop before: the same bits
+        assert torch.equal(x[i], transforms.to_tensor(images[i].permute(1, 2, 0).numpy()))
+    assert x.dtype == torch.float32 and torch.equal(y, masks)
 
 
 def test_crop_scales_are_the_listed_ones_or_the_range(painted, monkeypatch):

@@ -34,6 +34,7 @@ STAGE = "segment"
 LABELS = ("pseudo", "gt")
 RESNET101_WEIGHTS = "resnet101-63fe2227.pth"  # torchvision's ImageNet ResNet-101 (V1)
 IGNORE = transforms.IGNORE
+CACHE_MB = 1024  # decoded training pairs kept per process (VOC's train_aug would take ~8 GB)
 
 
 def poly_lr(base: float, iteration: int, max_iter: int, power: float) -> float:
@@ -43,20 +44,29 @@ def poly_lr(base: float, iteration: int, max_iter: int, power: float) -> float:
 
 # ---- data ---------------------------------------------------------------------------------
 class CropDataset(Dataset):
-    """(image, mask) files -> one augmented crop; the key (index, epoch) seeds the crop's RNG."""
+    """(image, mask) files -> one augmented crop, the image as uint8 3xHxW (`prepare` normalises
+    whole batches on the device); the key (index, epoch) seeds the crop's RNG.
 
-    def __init__(self, items: list[tuple[Path, Path]], num_classes: int, seg: SegmentCfg, seed: int):
+    Each pair is decoded and checked once and kept while `cache_mb` allows (the toy tree: 5 MB),
+    so later epochs only augment; with workers, each worker keeps the pairs it has seen."""
+
+    def __init__(self, items: list[tuple[Path, Path]], num_classes: int, seg: SegmentCfg, seed: int,
+                 cache_mb: int = CACHE_MB):
         self.items = items
         self.num_classes = num_classes
         self.crop, self.mirror = seg.crop, seg.mirror
         self.scales, self.pick = (seg.scales, True) if seg.scales else (seg.scale_range, False)
         self.seed = seed
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.room = cache_mb * 2**20  # bytes the cache may still take
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, epoch = key
+    def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item `index`'s image and mask, checked: from the cache, else read (and kept if it fits)."""
+        if index in self.cache:
+            return self.cache[index]
         image_path, mask_path = self.items[index]
         image = transforms.load_image(image_path)
         mask = transforms.read_index_png(mask_path)
@@ -64,11 +74,26 @@ class CropDataset(Dataset):
             raise McisError(f"{mask_path}: size {mask.shape} differs from its image {image.shape[:2]}")
         if mask.max() >= self.num_classes and ((mask >= self.num_classes) & (mask != IGNORE)).any():
             raise McisError(f"{mask_path}: labels beyond 0..{self.num_classes - 1} and {IGNORE}")
+        if image.nbytes + mask.nbytes <= self.room:
+            self.cache[index] = image, mask
+            self.room -= image.nbytes + mask.nbytes
+        return image, mask
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, epoch = key
+        image, mask = self.decoded(index)
         rng = random.Random(runtime.derived_seed(self.seed, epoch, index))
         image, mask = transforms.random_scale_crop_flip(
             image, mask, self.crop, self.scales, self.mirror, rng, self.pick
         )
-        return transforms.to_tensor(image), torch.from_numpy(mask.astype(np.int64))
+        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask.astype(np.int64))
+
+
+def prepare(images: torch.Tensor, masks: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A collated batch on `device`, the uint8 images normalised there: a quarter of the bytes to
+    copy, and one vectorised op instead of one per crop in the workers (the same values)."""
+    images = images.to(device, non_blocking=True)
+    return transforms.normalize(images), masks.to(device, non_blocking=True)
 
 
 class EpochSampler(Sampler):
@@ -251,7 +276,7 @@ def train_loop(cfg: Config, trainer: training.Trainer, net: nn.Module, batches: 
         for it in range(start, seg.iters):
             lr = poly_lr(seg.lr, it, seg.iters, seg.poly_power)
             trainer.set_lr(lr)
-            images, masks = (t.to(trainer.device, non_blocking=True) for t in _next_batch(batches))
+            images, masks = prepare(*_next_batch(batches), trainer.device)
             value = train_step(trainer, net, images, masks, f"iteration {it}", seg.loss_norm)
             now = time.perf_counter()
             if it > start:  # the first step warms up allocators and workers
