@@ -309,7 +309,7 @@ def ablation_variants(cfg: Config) -> list[Variant]:
         Variant("contrast", "+ contrastive co-attention",
                 cfg.replace(classify={**off, "coattention": True, "contrastive": True},
                             localize={"self_pairs": False})),
-        *(Variant(f"mcis_p{k}", f"+ self-pairs (MCIS), {k} partners", cfg.replace(localize={"partners": k}))
+        *(Variant(f"mcis_p{k}", f"+ self-pairs (MCIS), {k} partner{'s' * (k > 1)}", cfg.replace(localize={"partners": k}))
           for k in (1, 3, 5)),
     ]
 
