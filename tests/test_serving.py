@@ -103,7 +103,9 @@ def test_served_masks_equal_predicts(server, registered, toy_root, tmp_path):
     url, log = server
     with urllib.request.urlopen(url + "/ping", timeout=10) as reply:
         assert reply.status == 200
-    images = sorted((toy_root / "JPEGImages").glob("val_*.jpg"))[:2]
+    halves = tmp_path / "halves.png"  # black | white: whatever the data, the random model's mask varies on it
+    halves.write_bytes(png(np.repeat(np.repeat(np.array([[[0, 0, 0], [255, 255, 255]]], np.uint8), 48, 1), 96, 0)))
+    images = [*sorted((toy_root / "JPEGImages").glob("val_*.jpg"))[:2], halves]
     status, body = post(url, images_payload(*(p.read_bytes() for p in images), scores=True))
     assert status == 200, body
     predict.predict_files(registered[0], [str(p) for p in images], tmp_path / "pred", provider="cpu")
