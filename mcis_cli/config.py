@@ -187,6 +187,15 @@ class SegmentCfg(Section):
             raise ValueError("segment.weights is the pretrained init: set segment.pretrained=true too")
         return self
 
+    @model_validator(mode="after")
+    def _resnet_needs_pretrained(self) -> SegmentCfg:
+        # its BatchNorm is frozen (the recipe's): from random init nothing normalises the
+        # activations, which grow block after block (logits ~1e4) and the loss goes to nan
+        if self.arch == "resnet101" and not self.pretrained:
+            raise ValueError("segment.arch=resnet101 trains from ImageNet weights only (its BatchNorm "
+                             "is frozen): set segment.pretrained=true, or segment.arch=vgg16 from scratch")
+        return self
+
 
 class CrfCfg(Section):
     pos_sxy: float = 3.0

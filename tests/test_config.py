@@ -118,6 +118,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("name: x\nclassify: [1, 2\n", [], "YAML syntax error"),
         ("name: x\n", ["classify.lr"], "--set expects key=value"),
         ("name: x\n", ["segment.weights=w.pth", "segment.pretrained=false"], "set segment.pretrained=true"),
+        ("name: x\n", ["segment.arch=resnet101"], "resnet101 trains from ImageNet weights only"),
         ("name: x\n", ["segment.scales=[1.0, 0]"], "scale factors must be > 0"),
         ("name: x\n", ["segment.scale_range=[1.3, 0.7]"], "must be the low then the high scale"),
         ("name: x\n", ["segment.loss_norm=batch"], "invalid value for 'segment.loss_norm'"),
