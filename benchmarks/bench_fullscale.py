@@ -8,7 +8,7 @@ images, the config's classifier epochs at its batch of pairs, its segmenter iter
 1,449 val images. The localization feature cache is replayed at VOC scale (10,582 images, VOC's
 label-count histogram) to show that it stays within localize.cache_mb, and how often it misses.
 
-`python -m benchmarks fullscale` (about 10 minutes on 2 CPU cores), or
+`python -m benchmarks fullscale` (3.5 minutes on 2 idle CPU cores), or
 `python -m benchmarks.bench_fullscale --set device=cuda` on a GPU box.
 """
 
