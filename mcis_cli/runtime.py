@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import random
@@ -169,7 +170,17 @@ def init_distributed(device_name: str) -> bool:
     dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=size,
                             timeout=timeout)
     _STORE[:] = [store]
+    atexit.register(leave_distributed)
     return True
+
+
+def leave_distributed() -> None:
+    """Destroy the process group while the interpreter is still whole: left to its teardown,
+    gloo's worker threads can abort a rank whose work is done (SIGABRT, "terminate called
+    without an active exception", seen at the end of torchrun runs here)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _STORE.clear()
 
 
 def data_parallel(module: torch.nn.Module, device: torch.device, **options: Any) -> torch.nn.Module:

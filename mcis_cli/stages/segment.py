@@ -34,7 +34,8 @@ STAGE = "segment"
 LABELS = ("pseudo", "gt")
 RESNET101_WEIGHTS = "resnet101-63fe2227.pth"  # torchvision's ImageNet ResNet-101 (V1)
 IGNORE = transforms.IGNORE
-CACHE_MB = 1024  # decoded training pairs kept per process (VOC's train_aug would take ~8 GB)
+CACHE_MB = 1024  # decoded training pairs kept per rank, shared out among its loader workers
+                 # (VOC's train_aug would take ~8 GB: a cache of small trees, like the toy one)
 
 
 def poly_lr(base: float, iteration: int, max_iter: int, power: float) -> float:
@@ -254,7 +255,7 @@ def _batches(cfg: Config, items: list[tuple[Path, Path]], num_classes: int, star
     rank, size = runtime.world()
     per_rank = cfg.segment.batch_size // size
     return iter(DataLoader(
-        CropDataset(items, num_classes, cfg.segment, cfg.seed),
+        CropDataset(items, num_classes, cfg.segment, cfg.seed, cache_mb=CACHE_MB // max(1, cfg.data.workers)),
         batch_size=per_rank,
         sampler=EpochSampler(len(items), cfg.seed, rank, size, start=start * per_rank),
         **training.loader_options(cfg, device),
