@@ -123,7 +123,8 @@ def test_voc12_segmenter_trains_scores_and_exports(tree, labelled, name, arch):
 
     mlc = MlflowClient(tracking.tracking_uri())
     assert [p.step for p in mlc.get_metric_history(seg.run_id, "lr")] == [0, 1]
-    assert mlc.get_run(seg.run_id).data.params["segment.arch"] == arch
+    params = mlc.get_run(seg.run_id).data.params
+    assert (params["segment.arch"], params["segment.loss_norm"]) == (arch, "images")
     present = {voc.VOC_CLASSES[c] for s in voc.split_samples(tree.root, "val") for c in s.labels}
     logged = mlc.get_run(scored.run_id).data.metrics
     assert {f"iou/{c}" for c in ("background", *present)} <= set(logged)
