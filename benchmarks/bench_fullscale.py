@@ -31,15 +31,15 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import scratch_store
-from mcis_cli import runtime, training
+from mcis_cli import devices, training
 from mcis_cli.config import Config, load_config
 from mcis_cli.data import synth, voc
 from mcis_cli.stages import classify, evaluate, export, localize, pseudolabel, segment
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "voc12_vgg16.yaml"
 N_TRAIN, N_VAL = 10, 2  # two classifier steps of 5 pairs; 16 images would fill one localize batch
-TRAIN_IMAGES, VAL_IMAGES = 10_582, 1_449  # train_aug, val [reference §1.4, §4.3]
-VOC_LABEL_COUNTS = {1: 6746, 2: 2894, 3: 774, 4: 141, 5: 27}  # classes per image, train_cls.txt [§7]
+TRAIN_IMAGES, VAL_IMAGES = 10_582, 1_449  # train_aug, val [docs/method.md §1.4, §4.3]
+VOC_LABEL_COUNTS = {1: 6746, 2: 2894, 3: 774, 4: 141, 5: 27}  # classes per image, train_cls.txt [docs/method.md §7]
 RSS_LIMIT = 24 * 2**30
 MISS_SAMPLES = 4  # images timed one at a time for the cost of a cache miss
 COUNTS = [  # steps and images only; the random init costs what the ImageNet one does
@@ -258,7 +258,7 @@ def main(sets: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     units = budget(cfg)
     gpu = any(r["cuda"] is not None for r in runs.values())
     table = Table(title=f"{CONFIG.name} at full size, projected to the paper's budget "
-                        f"({_machine()}, {runtime.select_device(cfg.device).type}, "
+                        f"({_machine()}, {devices.select_device(cfg.device).type}, "
                         f"1-min load {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)")
     columns = ["stage", "unit", "s / unit", "units", "hours", "peak RSS GiB",
                *(["CUDA GiB"] if gpu else []), "bytes / image", "disk GB"]

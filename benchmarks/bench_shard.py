@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import scratch_store
-from mcis_cli import artifacts, runtime, tracking
+from mcis_cli import artifacts, checkpoints, engine, tracking
 from mcis_cli.config import load_config
 from mcis_cli.data import synth, voc
 from mcis_cli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -52,8 +52,8 @@ def _seconds(nproc: int, args: list[str], cfg, stage: str) -> float:
 def _logged(cfg, stage: str, folder: Path, content: dict) -> str:
     """A finished `stage` run holding the model file `content` (random weights: timing only)."""
     path = folder / stage / Path(artifacts.MODEL).name
-    runtime.save_checkpoint(path, content)
-    with tracking.stage_run(cfg, stage) as tracker:
+    checkpoints.save_checkpoint(path, content)
+    with engine.stage_run(cfg, stage) as tracker:
         tracker.log_artifact(path, "checkpoints")
     return tracker.run_id
 

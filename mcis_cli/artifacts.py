@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch stays out of the imports of data tools and serving
     import torch
     from torch import nn
 
-    from mcis_cli.config import Config, SegmentCfg
+    from mcis_cli.config import SegmentCfg
     from mcis_cli.models.mcis import MCISNet
     from mcis_cli.tracking import SourceRun
 
@@ -75,8 +75,8 @@ def classifier_file(model: MCISNet, input_size: int, method: str) -> dict[str, A
 
 def load_classifier(source: SourceRun, device: torch.device) -> tuple[MCISNet, dict]:
     """The classify run's model in eval mode on `device`, and its metadata (input_size, method, ...)."""
+    from mcis_cli.checkpoints import load_checkpoint
     from mcis_cli.models.mcis import MCISNet
-    from mcis_cli.runtime import load_checkpoint
 
     state = load_checkpoint(source.fetch(MODEL))
     model = MCISNet.from_checkpoint(state).to(device).eval()
@@ -99,9 +99,9 @@ def segmenter_file(model: nn.Module, seg: SegmentCfg, class_names: Sequence[str]
 def load_segmenter(path: str | Path) -> tuple[nn.Module, dict]:
     """The model of a segment run's MODEL file, in eval mode on the CPU, and its metadata
     (arch, num_classes, width, class_names with background first, mean, std)."""
+    from mcis_cli.checkpoints import load_checkpoint
     from mcis_cli.config import SegmentCfg
     from mcis_cli.models.deeplab import build_segmenter
-    from mcis_cli.runtime import load_checkpoint
 
     state = load_checkpoint(path)
     missing = {"state_dict", "arch", "num_classes", "width"} - state.keys()
@@ -112,9 +112,3 @@ def load_segmenter(path: str | Path) -> tuple[nn.Module, dict]:
     model = build_segmenter(seg, state["num_classes"])
     model.load_state_dict(state["state_dict"])
     return model.eval(), {k: v for k, v in state.items() if k != "state_dict"}
-
-
-def resume_state(cfg: Config, prior: SourceRun) -> Path | None:
-    """The LAST file of a run being resumed: its own folder's copy, else its artifact; None when
-    it has none (killed before its first checkpoint: it starts over, as an uninterrupted run)."""
-    return prior.local_or_fetched(Path(cfg.output_dir) / prior.run_id / LAST, LAST)

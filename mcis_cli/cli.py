@@ -167,9 +167,9 @@ def stage_command(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         result = command(*args, **kwargs)
-        from mcis_cli import runtime  # torch is loaded by now: the stage has run
+        from mcis_cli import distributed  # torch is loaded by now: the stage has run
 
-        if runtime.is_main():
+        if distributed.is_main():
             _summary(command.__name__, result)
 
     return app.command()(friendly(wrapper))
@@ -188,16 +188,16 @@ def classify(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("classify.lr=0
 
 @stage_command
 def localize(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("localize.partners=5") = [],  # noqa: B006
-             from_run: FromRunOpt = None):
+             from_run: FromRunOpt = None, resume: ResumeOpt = None):
     """Cross-image localization maps for every training image."""
-    return _stage("localize").run(load_config(config, sets), from_run=from_run)
+    return _stage("localize").run(load_config(config, sets), from_run=from_run, resume=resume)
 
 
 @stage_command
 def pseudolabel(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("pseudolabel.fg_thr=0.4") = [],  # noqa: B006
-                from_run: FromRunOpt = None):
+                from_run: FromRunOpt = None, resume: ResumeOpt = None):
     """Pseudo masks from localization maps and a background cue."""
-    return _stage("pseudolabel").run(load_config(config, sets), from_run=from_run)
+    return _stage("pseudolabel").run(load_config(config, sets), from_run=from_run, resume=resume)
 
 
 @stage_command
@@ -222,6 +222,7 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="Split to score (default: by stage).")] = None,
     crf: Annotated[bool | None, typer.Option("--crf/--no-crf", help="Dense CRF on top (default: evaluate.crf).")] = None,
     save: Annotated[bool, typer.Option("--save", help="Write predicted masks as PNGs.")] = False,
+    resume: ResumeOpt = None,
 ):
     """Score any stage's output: maps, pseudo masks or the segmentation model."""
     cfg = load_config(config, sets)
@@ -229,7 +230,7 @@ def evaluate(
         cfg.evaluate.crf = crf
     if save:
         cfg.evaluate.save_masks = True
-    return _stage("evaluate").run(cfg, from_run=from_run, split=split)
+    return _stage("evaluate").run(cfg, from_run=from_run, split=split, resume=resume)
 
 
 @stage_command
@@ -241,9 +242,11 @@ def export(
         "--out", help="Where to write the .onnx file.", show_default="<output_dir>/<run id>/model.onnx")] = None,
     ceiling: Annotated[bool, typer.Option(
         "--ceiling", help="Allow exporting the fully supervised ceiling (a --labels gt run).")] = False,
+    resume: ResumeOpt = None,
 ):
     """Export the segmentation model to ONNX, check parity, register it."""
-    return _stage("export").run(load_config(config, sets), from_run=from_run, out=out_path, ceiling=ceiling)
+    return _stage("export").run(load_config(config, sets), from_run=from_run, out=out_path, ceiling=ceiling,
+                                resume=resume)
 
 
 @app.command()

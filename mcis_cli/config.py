@@ -218,6 +218,11 @@ class EvaluateCfg(Section):
     upsample: Literal["official", "bilinear"] = "official"
     save_masks: bool = False
     overlays: int = Field(8, ge=0)
+
+
+class QualityCfg(Section):
+    """How outputs are scored against ground truth, wherever a stage reports quality."""
+
     # background thresholds tried when scoring localization maps (SEAM-style sweep)
     bg_sweep: list[float] = Field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 13)],
                                   min_length=1)
@@ -266,6 +271,7 @@ class Config(Section):
     pseudolabel: PseudolabelCfg = Field(default_factory=PseudolabelCfg)
     segment: SegmentCfg = Field(default_factory=SegmentCfg)
     evaluate: EvaluateCfg = Field(default_factory=EvaluateCfg)
+    quality: QualityCfg = Field(default_factory=QualityCfg)
     export: ExportCfg = Field(default_factory=ExportCfg)
     pipeline: PipelineCfg = Field(default_factory=PipelineCfg)
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)

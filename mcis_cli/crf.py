@@ -8,7 +8,7 @@ approximates it is not quite order-free, so outputs differ by < 1% of a probabil
 (tests/test_crf.py measures it).
 
 The CRF is CPU-bound and single-threaded, so images run in parallel worker processes
-(`crf_map`); CLIMS users report 30 h of CRF on COCO val (anchors §5, #6).
+(`crf_map`): at full size it, not the network, is what evaluation waits for.
 """
 
 from __future__ import annotations

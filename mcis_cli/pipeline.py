@@ -1,40 +1,31 @@
 """`mcis pipeline`: every stage in order under one parent MLflow run, then the results table.
 
-Like IRN's run_sample.py, this is only a driver: each step calls a stage's `run(...)`. A step whose
-nested run already FINISHED under an unfinished parent of the same config is reused, so a re-run
-after a failure resumes from the last finished step (ablation steps included). `run_seeds` runs the
-whole pipeline once per held-out data seed, each nested under one `seeds` parent, and reports
-mean ± std over them.
-
-Under torchrun every rank walks the same steps: rank 0 alone opens the parent run (the others
-nest nothing, as in each stage) and runs `export`, which is one process's work; the others take
-its result.
+Like IRN's run_sample.py, this is only a driver: each step calls a stage's `run(...)`. The parent
+run resumes as every stage does (the engine's key, here the whole config): a re-run after a
+failure reopens the unfinished parent, reuses the steps it finished (ablation steps included), and
+the step that failed continues its own unfinished run. `run_seeds` runs the whole pipeline once per
+held-out data seed, each nested under one `seeds` parent, and reports mean ± std over them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rich.rule import Rule
 from rich.table import Table
 
-from mcis_cli import reporting, runtime, tracking
+from mcis_cli import engine, reporting, tracking
 from mcis_cli.config import Config
 from mcis_cli.errors import McisError
 from mcis_cli.progress import out
 from mcis_cli.stages import StageResult
 
 ABLATION_TAG = "mcis.ablation"
-HASH_TAG = "mcis.config_hash"  # what a re-run resumes: the unfinished parent of the same config
 DATA_SEED_TAG = "mcis.data_seed"  # the embedded tree's data.synth.seed
-
-
-def config_hash(cfg: Config) -> str:
-    return hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
 
 
 def cam_baseline(cfg: Config) -> Config:
@@ -57,28 +48,21 @@ def ensure_data(cfg: Config) -> None:
 
 
 class Steps:
-    """Runs named steps as nested runs of the parent, reusing those a failed attempt finished.
+    """Runs named steps as nested runs of the parent, reusing those an earlier start finished.
 
     Each step's run is created named after the step and tagged with it (`tracking.Nest`), so the
     compare view tells `segment` from `segment_gt`, and a half-done step is never taken for another.
     """
 
-    def __init__(self, parent_id: str, done: dict[str, tracking.SourceRun]):
-        self.parent_id, self.done = parent_id, done
-        self.main = runtime.is_main()
+    def __init__(self, job: engine.Job):
+        self.job, self.done = job, job.finished_steps()
 
-    def __call__(self, name: str, call: Callable[[tracking.Nest], StageResult], *, main_only: bool = False,
-                 **tags: str) -> StageResult:
-        """`main_only`: a one-process stage, run by rank 0 only; every rank gets its result."""
+    def __call__(self, name: str, call: Callable[[tracking.Nest], StageResult], **tags: str) -> StageResult:
         if name in self.done:
-            if self.main:
-                out.print(f"[dim]{name}: reusing finished run {self.done[name].run_id}[/]")
+            self.job.print(f"[dim]{name}: reusing finished run {self.done[name].run_id}[/]")
             return StageResult(self.done[name].run_id, self.done[name].metrics)
-        if self.main:
-            out.rule(f"[bold]{name}")
-        if not main_only:
-            return call(tracking.Nest(self.parent_id, name, tags))
-        return runtime.broadcast(call(tracking.Nest(self.parent_id, name, tags)) if self.main else None)
+        self.job.print(Rule(f"[bold]{name}"))
+        return call(tracking.Nest(self.job.run_id, name, tags))
 
 
 def method_steps(cfg: Config, step: Steps) -> dict[str, StageResult]:
@@ -91,7 +75,7 @@ def method_steps(cfg: Config, step: Steps) -> dict[str, StageResult]:
     r["pseudolabel"] = step("pseudolabel", lambda p: pseudolabel.run(cfg, from_run=r["localize"].run_id, parent=p))
     r["segment"] = step("segment", lambda p: segment.run(cfg, from_run=r["pseudolabel"].run_id, parent=p))
     r["evaluate"] = step("evaluate", lambda p: evaluate.run(cfg, from_run=r["segment"].run_id, parent=p))
-    r["export"] = step("export", lambda p: export.run(cfg, from_run=r["segment"].run_id, parent=p), main_only=True)
+    r["export"] = step("export", lambda p: export.run(cfg, from_run=r["segment"].run_id, parent=p))
     if not cfg.pipeline.baselines:
         return r
     cam = cam_baseline(cfg)
@@ -119,39 +103,31 @@ def setting1_metrics(cfg: Config) -> dict[str, float] | None:
     return runs[0].metrics
 
 
+PIPELINE = engine.Stage("pipeline", sections=None)
+SEEDS = engine.Stage("seeds", sections=None)
+
+
 def run(cfg: Config, ablation: bool = False, parent: tracking.Nest | None = None) -> StageResult:
     """The pipeline's parent run (nested under `parent` when given) with the results table's
-    values as its metrics (rank 0's; the other ranks get none)."""
-    runtime.init_distributed(cfg.device)
-    runtime.rank_zero_first(lambda: ensure_data(cfg))
-    main = runtime.is_main()
-    same = {HASH_TAG: config_hash(cfg)} | ({"mlflow.parentRunId": parent.parent} if parent else {})
-    unfinished = tracking.find_runs(cfg, "pipeline", finished=False, **same) if main else []
-    resume = unfinished[0].run_id if unfinished else None
+    values as its metrics."""
+    job = engine.start(PIPELINE, cfg, parent=parent)
+    job.first(lambda: ensure_data(cfg))
     started = time.time()
-    summary: dict[str, float] = {}
-    with runtime.open_run(cfg, "pipeline", resume=resume, parent=parent,
-                          run_name=f"pipeline {parent.step}" if parent else "pipeline") as (tracker, parent_id):
-        if tracker:
-            tracker.set_tags({HASH_TAG: same[HASH_TAG]}
-                             | ({DATA_SEED_TAG: str(cfg.data.synth.seed)} if cfg.data.synth else {}))
-        done = tracking.finished_children(cfg, parent_id, tracking.STEP_TAG) if resume else {}
-        step = Steps(parent_id, runtime.broadcast(done))
+    tags = {DATA_SEED_TAG: str(cfg.data.synth.seed)} if cfg.data.synth else {}
+    with job.open(tags=tags, run_name=f"pipeline {parent.step}" if parent else "pipeline"):
+        step = Steps(job)
         results = method_steps(cfg, step)
-        if tracker:
-            rows = result_rows(results, setting1_metrics(cfg), cfg.pipeline.compare_to)
-            table = results_table(rows)
-            summary = {key: value for _, key, value in rows if value is not None}
-            tracker.log_metrics(summary, step=0)
-            tracker.log_text(reporting.markdown(table), "results.md")
+        rows = result_rows(results, job.report(lambda log: setting1_metrics(cfg)), cfg.pipeline.compare_to)
+        summary = {key: value for _, key, value in rows if value is not None}
+        table = results_table(rows)
+        job.report(lambda log: (log.log_metrics(summary, step=0), log.log_text(reporting.markdown(table), "results.md")))
         if ablation:
-            ablation_table = run_ablation(cfg, step, tracker, results)
-    if main:
-        out.print(table)
-        if ablation:
-            out.print(ablation_table)
-        out.print(f"pipeline finished in {time.time() - started:.0f} s, parent run {parent_id}")
-    return StageResult(parent_id, summary)
+            ablation_table = run_ablation(cfg, step, results)
+    job.print(table)
+    if ablation:
+        job.print(ablation_table)
+    job.print(f"pipeline finished in {time.time() - started:.0f} s, parent run {job.run_id}")
+    return job.result(summary)
 
 
 def result_rows(results: dict[str, StageResult], setting1: dict[str, float] | None = None,
@@ -228,36 +204,27 @@ def run_seeds(cfg: Config, seeds: list[int]) -> dict[int, dict[str, float]]:
     A re-run of the same config and seeds reopens the unfinished parent: a seed whose pipeline
     finished is read back, the one that failed resumes at its last finished step."""
     configs = {seed: seeded(cfg, seed) for seed in seeds}  # refuse real data before opening a run
-    runtime.init_distributed(cfg.device)
-    main = runtime.is_main()
     listed = ",".join(map(str, seeds))
-    tags = {HASH_TAG: f"{config_hash(cfg)}-{listed}", "mcis.data_seeds": listed}
-    unfinished = tracking.find_runs(cfg, "seeds", finished=False, **tags) if main else []
-    resume = unfinished[0].run_id if unfinished else None
-    with runtime.open_run(cfg, "seeds", resume=resume, run_name="seeds") as (tracker, parent_id):
-        if tracker:
-            tracker.set_tags(tags)
-        done = runtime.broadcast(tracking.finished_children(cfg, parent_id, tracking.STEP_TAG) if resume else {})
+    job = engine.start(SEEDS, cfg, extra={"seeds": listed})
+    with job.open(tags={"mcis.data_seeds": listed}, run_name="seeds"):
+        done = job.finished_steps()
         columns = {}
         for seed, seeded_cfg in configs.items():
             name = f"seed{seed}"
             if name in done:
-                if main:
-                    out.print(f"[dim]data seed {seed}: reusing finished pipeline {done[name].run_id}[/]")
+                job.print(f"[dim]data seed {seed}: reusing finished pipeline {done[name].run_id}[/]")
                 columns[seed] = done[name].metrics
                 continue
-            if main:
-                out.rule(f"[bold]data seed {seed}: {seeded_cfg.data.root}")
-            columns[seed] = run(seeded_cfg, parent=tracking.Nest(parent_id, name)).metrics
-        if tracker:
-            rows = seed_rows(cfg, columns)
-            table = seeds_table(rows, seeds)
-            tracker.log_metrics({f"{r.key}_{what}": value for r in rows if r.mean is not None
-                                 for what, value in (("mean", r.mean), ("std", r.std))}, step=0)
-            tracker.log_text(reporting.markdown(table), "seeds.md")
-    if main:
-        out.print(table)
-        out.print(f"{len(seeds)} data seeds finished, parent run {parent_id}")
+            job.print(Rule(f"[bold]data seed {seed}: {seeded_cfg.data.root}"))
+            columns[seed] = run(seeded_cfg, parent=tracking.Nest(job.run_id, name)).metrics
+        rows = seed_rows(cfg, columns)
+        table = seeds_table(rows, seeds)
+        job.report(lambda log: (
+            log.log_metrics({f"{r.key}_{what}": value for r in rows if r.mean is not None
+                             for what, value in (("mean", r.mean), ("std", r.std))}, step=0),
+            log.log_text(reporting.markdown(table), "seeds.md")))
+    job.print(table)
+    job.print(f"{len(seeds)} data seeds finished, parent run {job.run_id}")
     return columns
 
 
@@ -314,10 +281,8 @@ def ablation_variants(cfg: Config) -> list[Variant]:
     ]
 
 
-def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker | None,
-                 results: dict[str, StageResult]) -> Table:
-    """Train, localize and pseudo-label every variant for every seed; log the spread and a chart
-    (rank 0, the parent's holder).
+def run_ablation(cfg: Config, step: Steps, results: dict[str, StageResult]) -> Table:
+    """Train, localize and pseudo-label every variant for every seed; log the spread and a chart.
 
     A classifier is trained once per (classify section, seed): the partner-count variants share
     one, and the pipeline's own classify runs serve the variants they equal at the config's seed.
@@ -346,15 +311,17 @@ def run_ablation(cfg: Config, step: Steps, parent: tracking.Tracker | None,
             per["maps"].append(maps.metrics["maps/miou"])
             per["pseudo"].append(pseudo.metrics["pseudo/miou"])
     table = ablation_table(scores, len(cfg.pipeline.ablation_seeds))
-    if parent is None:
-        return table
+    step.job.report(lambda log: _log_ablation(log, variants, scores, table))
+    return table
+
+
+def _log_ablation(log: tracking.Tracker, variants: list[Variant], scores: dict, table: Table) -> None:
     for v in variants:
         for what, values in scores[v.name].items():
-            parent.log_metrics({f"ablation/{v.key}/{what}_miou_mean": float(np.mean(values)),
-                                f"ablation/{v.key}/{what}_miou_std": float(np.std(values))}, step=0)
-    parent.log_text(reporting.markdown(table), "ablation.md")
-    parent.log_figure(reporting.ablation_chart(scores), "ablation.png")
-    return table
+            log.log_metrics({f"ablation/{v.key}/{what}_miou_mean": float(np.mean(values)),
+                             f"ablation/{v.key}/{what}_miou_std": float(np.std(values))}, step=0)
+    log.log_text(reporting.markdown(table), "ablation.md")
+    log.log_figure(reporting.ablation_chart(scores), "ablation.png")
 
 
 def ablation_table(scores: dict[str, dict[str, list[float]]], seeds: int) -> Table:

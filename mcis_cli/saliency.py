@@ -1,6 +1,6 @@
 """Image-only saliency for datasets that ship no saliency maps.
 
-MCIS takes its background cue from a salient-object detector (DSS maps, §3 of the method notes).
+MCIS takes its background cue from a salient-object detector (DSS maps, docs/method.md §3).
 Where none is available this module gives a classical, training-free substitute that reads the
 image and nothing else:
 

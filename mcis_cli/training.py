@@ -9,9 +9,9 @@ loop does the same way is written here once.
 - the resume state: model, optimizer, GradScaler, every rank's RNG state and the stage's progress
   counters, so that a resumed run continues bit-exactly.
 
-Only rank 0 opens the MLflow run (`runtime.open_run`) and writes files; the other ranks have no
-tracker (None). The rank-0 guards of a step's metrics and of a file's writing and upload are
-here; the stages guard only their own rank-0 work (validation, the run's tags).
+Only rank 0 holds the MLflow run (the engine's `job.log`) and writes files; the other ranks have
+no tracker (None). The rank-0 guards of a step's metrics and of a file's writing and upload are
+here, so the stages' loops never ask which rank they run on.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mcis_cli import artifacts, runtime, tracking
+from mcis_cli import distributed, tracking
+from mcis_cli.checkpoints import load_checkpoint, save_checkpoint
+from mcis_cli.devices import derived_seed, rng_state, set_rng_state
 from mcis_cli.errors import McisError
 from mcis_cli.progress import console, training_progress
 
@@ -34,21 +36,12 @@ if TYPE_CHECKING:
     from mcis_cli.config import Config
 
 
-def start(cfg: Config, stage: str, batch_size: int,
-          resume: str | None) -> tuple[tracking.SourceRun | None, torch.device]:
-    """Join torchrun's processes, check that the global batch splits over them, find the run to
-    resume (refused when its settings differ), then pick the device and seed every rank alike."""
-    runtime.init_distributed(cfg.device)
-    world = runtime.world()[1]
+def check_split(stage: str, batch_size: int) -> None:
+    """The global batch must split evenly over torchrun's processes."""
+    world = distributed.world()[1]
     if batch_size % world:
         raise McisError(f"{stage}.batch_size {batch_size} does not split over {world} processes; "
                         f"make it a multiple of {world}")
-    prior = tracking.get_run(cfg, resume, stage) if resume else None
-    if prior:
-        prior.require_same(cfg, stage)
-    device = runtime.select_device(cfg.device)
-    runtime.seed_everything(cfg.seed, cfg.deterministic)
-    return prior, device
 
 
 def loader_options(cfg: Config, device: torch.device) -> dict[str, Any]:
@@ -66,8 +59,9 @@ class Trainer:
         self.amp = amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.log_every = log_every
-        self.distributed = runtime.distributed()
-        self.main = runtime.is_main()
+        self.distributed = distributed.active()
+        self.main = distributed.is_main()
+        self.share = distributed.world()  # (this process's part, the number of parts) of each batch
         self.last_good: Path | None = None
         self._bar = training_progress()
         self._bar.disable = not self.main
@@ -75,9 +69,13 @@ class Trainer:
         if amp and not self.amp and self.main:
             console.print(f"[yellow]warning:[/] {stage}.amp needs CUDA; training in fp32")
 
+    def seed_streams(self, seed: int, *values: int) -> None:
+        """Seed this process's own random stream (dropout) from `seed`, its part and `values`."""
+        torch.manual_seed(derived_seed(seed, self.share[0], *values))
+
     def parallel(self, module: nn.Module, **options: Any) -> nn.Module:
         """`module` under DDP when the ranks train together, else itself."""
-        return runtime.data_parallel(module, self.device, **options) if self.distributed else module
+        return distributed.data_parallel(module, self.device, **options) if self.distributed else module
 
     def autocast(self):
         """The mixed precision of the forward (a no-op without AMP)."""
@@ -128,9 +126,9 @@ class Trainer:
         """The resume state, with every rank's RNG state (dropout) gathered: all ranks call it."""
         if self.distributed:
             rng = [None] * dist.get_world_size()
-            dist.all_gather_object(rng, runtime.rng_state())
+            dist.all_gather_object(rng, rng_state())
         else:
-            rng = [runtime.rng_state()]
+            rng = [rng_state()]
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng, **progress}
 
@@ -140,20 +138,18 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        rank, size = runtime.world()
+        rank, size = distributed.world()
         if len(state["rng"]) == size:
-            runtime.set_rng_state(state["rng"][rank])
+            set_rng_state(state["rng"][rank])
         else:
             other_world(state)
 
-    def resume(self, cfg: Config, prior: tracking.SourceRun,
-               other_world: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
-        """Restore the LAST file of the run `prior` (rank 0 fetches it first); the state, or None
-        when the run has none (killed before its first checkpoint: it starts over)."""
-        path = runtime.rank_zero_first(lambda: artifacts.resume_state(cfg, prior))
+    def resume(self, path: Path | None, other_world: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+        """Continue from the resume state at `path` (the engine's `job.resume_file(LAST)`): the
+        state, or None when there is none (a new run, or one killed before its first checkpoint)."""
         if path is None:
             return None
-        state = runtime.load_checkpoint(path)
+        state = load_checkpoint(path)
         self.restore(state, other_world)
         self.last_good = path
         return state
@@ -162,7 +158,7 @@ class Trainer:
         """Rank 0 writes `content` to `path` atomically and, given the tracker, uploads it to the
         artifact folder named as its local folder (checkpoints/); the other ranks write nothing."""
         if self.main:
-            runtime.save_checkpoint(path, content)
+            save_checkpoint(path, content)
             if tracker is not None:
                 tracker.log_artifact(path, path.parent.name)
 
@@ -171,4 +167,4 @@ class Trainer:
         once rank 0 has written and uploaded it, it is the last good checkpoint."""
         self.write(path, self.state(**progress), tracker)
         self.last_good = path
-        runtime.barrier()
+        distributed.barrier()

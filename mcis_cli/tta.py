@@ -7,8 +7,8 @@ softmax, resize the probabilities back; then average over scales and horizontal 
 and an image smaller than the window zero-padded (the mean colour, after normalisation) to the
 full window, so that every forward is window x window (401 = 8 * 50 + 1, the size at which the
 x8 upsampling inside the model is exact) and the padding is cropped off the probabilities.
-What remains different: the image is resized after normalisation in float (cv2 resizes the
-uint8 image), and RGB with the ImageNet mean/std is fed instead of BGR minus the mean.
+What remains different: RGB with the ImageNet mean/std is fed instead of BGR minus the mean
+(the resize is linear, so resizing before or after normalising agrees up to rounding).
 `upsample="bilinear"` resizes bilinearly (bicubic can push probabilities below 0; the CRF floors
 them at 1e-4) and clips windows to the image instead of padding it.
 """

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import bench_fullscale as bench
 from benchmarks import scratch_store
-from mcis_cli import tracking
+from mcis_cli import engine, tracking
 from mcis_cli.config import Config
 
 
@@ -18,7 +18,7 @@ def test_scratch_store_keeps_runs_and_artifacts_out_of_the_working_directory(tmp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///user-store-must-stay-untouched.db")
     with scratch_store() as store:
         cfg = Config(name="bench-store", output_dir=str(store / "runs"), data={"root": str(store / "voc")})
-        with tracking.stage_run(cfg, "segment") as tracker:
+        with engine.stage_run(cfg, "segment") as tracker:
             tracker.log_text("a benchmark's artifact", "note.txt")
         artifact_uri = tracking.client(cfg).get_run(tracker.run_id).info.artifact_uri
         assert Path(artifact_uri.removeprefix("file://")).is_relative_to(store), artifact_uri

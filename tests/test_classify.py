@@ -14,13 +14,13 @@ from sklearn.metrics import average_precision_score
 from typer.testing import CliRunner
 
 from mcis_cli import tracking
+from mcis_cli.checkpoints import load_checkpoint
 from mcis_cli.cli import app
 from mcis_cli.config import load_config
 from mcis_cli.data import voc
 from mcis_cli.data.pairs import PairSampler
 from mcis_cli.errors import McisError
 from mcis_cli.models.mcis import MCISNet, build_classifier
-from mcis_cli.runtime import load_checkpoint
 from mcis_cli.stages import classify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +66,8 @@ def test_items_carry_partner_views_and_deterministic_jitter(toy_root):
 
 def test_ranks_split_each_global_batch():
     sampler = PairSampler([[i % 3] for i in range(23)], seed=1)
-    single = classify.epoch_batches(sampler, 2, 6, rank=0, world=1)
-    ranks = [classify.epoch_batches(sampler, 2, 6, rank=r, world=2) for r in (0, 1)]
+    single = classify.epoch_batches(sampler, 2, 6, part=0, parts=1)
+    ranks = [classify.epoch_batches(sampler, 2, 6, part=r, parts=2) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == len(single) == 4
     for k, batch in enumerate(single):
         shared = sorted(ranks[0][k] + ranks[1][k])

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from mcis_cli import tracking
+from mcis_cli import engine, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import load_config
 from tests import servers
@@ -325,7 +325,7 @@ def test_serve_segments_new_images_with_the_registered_model(logged_in, toy_root
     classes = ["background", "circle", "square"]
     cfg = load_config(TOY, [f"output_dir={tmp_path / 'runs'}", f"data.root={toy_root}",
                             "tracking.experiment=team-serve"])
-    with tracking.stage_run(cfg, "export") as tracker:
+    with engine.stage_run(cfg, "export") as tracker:
         example = np.zeros((1, 3, 32, 32), np.float32)
         tracking.log_onnx_model(tracker, segmenter(classes), "model", example, "mcis-deeplab")
 

@@ -12,7 +12,7 @@ from sklearn.metrics import jaccard_score
 from torch import nn
 from typer.testing import CliRunner
 
-from mcis_cli import tracking
+from mcis_cli import engine, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import load_config
 from mcis_cli.data import transforms, voc
@@ -130,15 +130,13 @@ def test_overlay_ids_are_spread_and_stable():
     assert evaluate.overlay_ids(samples, 0) == set()
 
 
-def test_results_table_puts_published_figures_beside_ours_with_their_source():
+def test_results_markdown_holds_what_was_measured_and_nothing_published():
     result = {key: {"background": 0.9, "aeroplane": float("nan")} for key in ("iou", "precision", "recall")}
     summary = {"miou": 0.612, "miou_nocrf": 0.598}
-    text = evaluate.results_markdown("t", "measured so", summary, result, [], references=True)
-    assert "| this run |  | 61.2 | measured |" in text
-    assert "| MCIS | ResNet-101 LargeFOV | 66.2 | verified: MCIS README |" in text
-    assert "| MCIS | VGG16 LargeFOV | 63.5 | recalled, not verified |" in text
+    text = evaluate.results_markdown("t", "measured so", summary, result, [(0.3, 0.5)])
     assert "| aeroplane | - | - | - |" in text and "| miou_nocrf | 0.5980 |" in text
-    assert "MCIS" not in evaluate.results_markdown("t", "", summary, result, [], references=False)
+    assert "| 0.30 | 50.0 |" in text
+    assert "MCIS" not in text and "PSA" not in text  # published figures live in docs/results.md
 
 
 def test_results_table_title_is_one_line(monkeypatch):
@@ -243,7 +241,7 @@ def _config(root: Path, tmp: Path, **extra):
 
 
 def _fake_run(cfg, stage: str, folder: Path, artifact: str) -> str:
-    with tracking.stage_run(cfg, stage) as tracker:
+    with engine.stage_run(cfg, stage) as tracker:
         tracker.log_artifacts(folder, artifact)
         return tracker.run_id
 
@@ -299,7 +297,7 @@ def test_localization_maps_get_a_threshold_sweep(root, store):
     [0.3, 0.5) is perfect and the sweep must find the first of them, 0.3."""
     from mcis_cli.artifacts import save_maps
 
-    cfg = _config(root, store, **{"evaluate.bg_sweep": [round(0.05 * i, 2) for i in range(1, 13)]})
+    cfg = _config(root, store, **{"quality.bg_sweep": [round(0.05 * i, 2) for i in range(1, 13)]})
     rng = np.random.default_rng(2)
     for sample in voc.split_samples(root, "train_aug"):
         gt = voc.load_mask(root, sample.id)
@@ -389,6 +387,6 @@ def test_two_ranks_score_as_one_with_the_crf_pool_per_rank(root, store):
         runs = tracking.find_runs(cfg, "evaluate", **{tracking.SOURCE_TAG: source})
         assert len(runs) == 2  # rank 1 opened no run of its own
         _same_scores(cfg, one.run_id, runs[0].run_id)
-        masks = [sorted(Path(tracking.workdir(cfg, r.run_id), "masks").glob("*.png")) for r in runs]
+        masks = [sorted(Path(engine.workdir(cfg, r.run_id), "masks").glob("*.png")) for r in runs]
         assert [p.name for p in masks[0]] == [p.name for p in masks[1]] and masks[0]
         assert all(x.read_bytes() == y.read_bytes() for x, y in zip(*masks, strict=True))

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from mcis_cli import __version__, artifacts, predict, runtime, tracking
+from mcis_cli import __version__, artifacts, checkpoints, engine, predict, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import load_config
 from mcis_cli.data import transforms, voc
@@ -47,9 +47,9 @@ def _config(store: Path, *sets: str):
 def segment_run(cfg, model: torch.nn.Module, names: list[str] = CLASSES,
                 val_miou: float | None = None) -> str:
     """A finished segment run holding `model` as segment.run writes it."""
-    with tracking.stage_run(cfg, "segment") as tracker:
-        path = tracking.workdir(cfg, tracker.run_id) / artifacts.MODEL
-        runtime.save_checkpoint(path, {
+    with engine.stage_run(cfg, "segment") as tracker:
+        path = engine.workdir(cfg, tracker.run_id) / artifacts.MODEL
+        checkpoints.save_checkpoint(path, {
             "state_dict": model.state_dict(), "arch": "vgg16", "num_classes": len(names),
             "width": 0.125, "class_names": names,
             "mean": list(transforms.IMAGENET_MEAN), "std": list(transforms.IMAGENET_STD),
@@ -149,7 +149,7 @@ def test_source_miou_prefers_the_latest_evaluate_run(store):
     source_id = segment_run(cfg, spread_model(), val_miou=0.3)
     source = tracking.resolve_run(cfg, "segment", source_id)
     assert export.source_miou(cfg, source) == (0.3, f"segment run {source_id} val/miou")
-    with tracking.stage_run(cfg, "evaluate", source=source) as tracker:
+    with engine.stage_run(cfg, "evaluate", source=source) as tracker:
         tracker.log_metrics({"miou": 0.55})
     assert export.source_miou(cfg, source) == (0.55, f"evaluate run {tracker.run_id}")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mcis_cli import artifacts, runtime, tracking
+from mcis_cli import artifacts, checkpoints, engine, tracking
 from mcis_cli.config import load_config
 from mcis_cli.data import voc
 from mcis_cli.errors import McisError
@@ -169,9 +169,9 @@ def _classify_run(cfg, tmp_path: Path, num_classes: int, method: str = "mcis") -
     torch.manual_seed(0)
     model = MCISNet(num_classes, 0.125)
     path = tmp_path / "model.pt"
-    runtime.save_checkpoint(path, {"state_dict": model.state_dict(), "num_classes": num_classes,
+    checkpoints.save_checkpoint(path, {"state_dict": model.state_dict(), "num_classes": num_classes,
                                    "width": 0.125, "input_size": SIZE, "method": method})
-    with tracking.stage_run(cfg, "classify") as tracker:
+    with engine.stage_run(cfg, "classify") as tracker:
         tracker.log_artifact(path, "checkpoints")
     return tracker.run_id
 
@@ -282,7 +282,7 @@ def test_two_ranks_give_the_maps_of_one_and_one_process_completes_a_killed_rank(
     assert "rank 1 of 2 stopped" in line and "start `mcis localize --config" in line
     failed = tracking.find_runs(stage_cfg, "localize", finished=False)
     assert len(failed) == 1
-    partial = tracking.workdir(stage_cfg, failed[0].run_id) / artifacts.MAPS
+    partial = engine.workdir(stage_cfg, failed[0].run_id) / artifacts.MAPS
     assert 2 <= len(list(partial.glob("*.npz"))) < len(samples)
     assert not list(partial.glob(".*"))  # nothing half-written
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from mcis_cli import artifacts, tracking
+from mcis_cli import artifacts, engine, tracking, training
 from mcis_cli.cli import app
 from mcis_cli.config import SegmentCfg, load_config
 from mcis_cli.data import transforms, voc
@@ -191,7 +191,7 @@ def test_epoch_sampler_shards_and_resumes_mid_stream():
     assert sorted(i for i, e in first if e == 1) == list(range(7))  # every epoch is a permutation
     later = [key for _, key in zip(range(11), segment.EpochSampler(7, seed=3, start=10), strict=False)]
     assert later == first[10:21]
-    shards = [[k for _, k in zip(range(8), segment.EpochSampler(7, 3, rank=r, world=2), strict=False)]
+    shards = [[k for _, k in zip(range(8), segment.EpochSampler(7, 3, part=r, parts=2), strict=False)]
               for r in (0, 1)]
     assert {i for i, e in shards[0] + shards[1] if e == 0} == set(range(7))
 
@@ -277,7 +277,7 @@ def test_segment_gt_run_logs_poly_lr_loss_and_model(toy_root, store):
 def test_pseudo_labels_come_from_the_pseudolabel_run(toy_root, store):
     cfg = _config(toy_root, store, "pseudo", **{"segment.iters": 2, "segment.val_every": 0})
     samples = voc.train_samples(cfg.data)
-    with tracking.stage_run(cfg, "pseudolabel") as tracker:
+    with engine.stage_run(cfg, "pseudolabel") as tracker:
         for sample in samples[::2]:  # half the images get a mask
             mask = np.zeros(transforms.load_image(sample.image).shape[:2], np.uint8)
             transforms.save_palette_png(store / "pseudo" / f"{sample.id}.png", mask)
@@ -301,16 +301,16 @@ def test_non_finite_loss_names_iteration_and_checkpoint(toy_root, store):
 def test_resume_ends_with_the_same_weights(toy_root, store, monkeypatch):
     cfg = _config(toy_root, store, "resume", deterministic=True)
     full = segment.run(cfg, labels="gt")
-    save = segment.runtime.save_checkpoint
+    save = training.save_checkpoint
 
     def save_then_die(path, state):
         save(path, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(segment.runtime, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         segment.run(cfg, labels="gt")
-    monkeypatch.setattr(segment.runtime, "save_checkpoint", save)
+    monkeypatch.setattr(training, "save_checkpoint", save)
     mlc = tracking.client()
     killed = mlc.search_runs([tracking.experiment_id(mlc, cfg)], "attributes.status = 'KILLED'")
     resumed = segment.run(cfg, resume=killed[0].info.run_id)

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from mcis_cli import predict, serving, tracking
+from mcis_cli import engine, predict, serving, tracking
 from mcis_cli.data import voc
 from mcis_cli.stages import export
 from tests import servers
@@ -173,7 +173,7 @@ def test_variants_pin_their_onnxruntime_and_list_their_providers(registered, sto
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     cfg = _config(store, "name=serving-variants")
     for variant in ("cpu", "gpu"):
-        with tracking.stage_run(cfg, "export") as tracker:
+        with engine.stage_run(cfg, "export") as tracker:
             info = tracking.log_serving_model(tracker, registered[1], "model", export.example_png(), None, variant)
         folder = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / variant)))
         mlmodel = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]

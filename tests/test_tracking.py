@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from mcis_cli import provenance, tracking
+from mcis_cli import engine, provenance, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import Config
 from mcis_cli.errors import McisError
@@ -61,7 +61,7 @@ def test_stage_run_logs_everything_and_reads_back(store, tmp_path, request):
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"\x00\x01weights")
     source = tracking.SourceRun("abc123", "classify", "", tmp_path, {tracking.ROLE_TAG: tracking.BASELINE}, {})
-    with tracking.stage_run(cfg, "localize", source=source) as tracker:
+    with engine.stage_run(cfg, "localize", source=source) as tracker:
         sent, send = [], tracker.client.log_batch
 
         def counting(run_id, **batch):
@@ -83,7 +83,7 @@ def test_stage_run_logs_everything_and_reads_back(store, tmp_path, request):
     assert len(mlc.get_metric_history(tracker.run_id, "loss/total")) == STEPS
 
     flat = cfg.flat()
-    assert run.data.params.keys() == flat.keys()
+    assert run.data.params.keys() == flat.keys() | {"world_size"}  # the engine adds how many processes ran
     for key, value in flat.items():
         logged = run.data.params[key]
         assert (logged if isinstance(value, str) else json.loads(logged)) == value, key
@@ -115,12 +115,12 @@ def test_resolve_latest_finished_run(store, tmp_path, request):
         tracking.resolve_run(cfg, "classify")
     ids = []
     for _ in range(2):
-        with tracking.stage_run(cfg, "classify") as tracker:
+        with engine.stage_run(cfg, "classify") as tracker:
             tracker.log_metrics({"loss": 1.0}, step=0)
         ids.append(tracker.run_id)
-    with pytest.raises(RuntimeError), tracking.stage_run(cfg, "classify"):  # newer, but FAILED
+    with pytest.raises(RuntimeError), engine.stage_run(cfg, "classify"):  # newer, but FAILED
         raise RuntimeError("boom")
-    with tracking.stage_run(cfg, "evaluate"):  # newer, finished, other stage
+    with engine.stage_run(cfg, "evaluate"):  # newer, finished, other stage
         pass
     latest = tracking.resolve_run(cfg, "classify")
     assert latest.run_id == ids[1] and latest.stage == "classify"
@@ -132,14 +132,14 @@ def test_resolve_latest_finished_run(store, tmp_path, request):
 def test_default_input_is_the_method_run_never_a_baseline_ablation_or_ceiling(store, tmp_path, request, capsys):
     cfg = make_cfg(tmp_path, request.node.name)
     cam = cfg.model_copy(update={"classify": cfg.classify.model_copy(update={"method": "cam"})})
-    with tracking.stage_run(cfg, "pipeline") as parent:
+    with engine.stage_run(cfg, "pipeline") as parent:
         pass
-    with tracking.stage_run(cfg, "classify", parent=tracking.Nest(parent.run_id, "classify")) as method:
+    with engine.stage_run(cfg, "classify", parent=tracking.Nest(parent.run_id, "classify")) as method:
         pass
-    with tracking.stage_run(cam, "classify") as baseline:  # newer, plain CAM
+    with engine.stage_run(cam, "classify") as baseline:  # newer, plain CAM
         pass
     nest = tracking.Nest(parent.run_id, "ablation/coatt/seed1/classify", {tracking.ROLE_TAG: tracking.ABLATION})
-    with tracking.stage_run(cfg, "classify", parent=nest) as ablation:  # newer still
+    with engine.stage_run(cfg, "classify", parent=nest) as ablation:  # newer still
         pass
     capsys.readouterr()
     chosen = tracking.resolve_run(cfg, "classify")
@@ -152,12 +152,12 @@ def test_default_input_is_the_method_run_never_a_baseline_ablation_or_ceiling(st
     nested = mlc.get_run(ablation.run_id)
     assert nested.info.run_name == nest.step and nested.data.tags[tracking.STEP_TAG] == nest.step
     assert mlc.get_run(baseline.run_id).data.tags[tracking.ROLE_TAG] == tracking.BASELINE
-    with tracking.stage_run(cfg, "localize", source=tracking.get_run(cfg, baseline.run_id, "classify")) as maps:
+    with engine.stage_run(cfg, "localize", source=tracking.get_run(cfg, baseline.run_id, "classify")) as maps:
         pass  # continues the baseline's chain
     assert mlc.get_run(maps.run_id).data.tags[tracking.ROLE_TAG] == tracking.BASELINE
     with pytest.raises(McisError, match="no finished localize run of the method"):
         tracking.resolve_run(cfg, "localize")
-    with tracking.stage_run(cfg, "segment", role=tracking.CEILING):
+    with engine.stage_run(cfg, "segment", role=tracking.CEILING):
         pass
     with pytest.raises(McisError, match="no finished segment run of the method"):
         tracking.resolve_run(cfg, "segment")
@@ -168,7 +168,7 @@ def test_default_input_is_the_method_run_never_a_baseline_ablation_or_ceiling(st
 @pytest.mark.parametrize("error, status", [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
 def test_a_raising_run_is_marked(store, tmp_path, request, error, status):
     cfg = make_cfg(tmp_path, request.node.name)
-    with pytest.raises(error), tracking.stage_run(cfg, "segment") as tracker:
+    with pytest.raises(error), engine.stage_run(cfg, "segment") as tracker:
         tracker.log_metrics({"loss": 0.5}, step=3)  # buffered, must still arrive
         raise error()
     run = MlflowClient(store).get_run(tracker.run_id)
@@ -198,7 +198,7 @@ def test_cli_unknown_run_id(store, tmp_path):
 
 def test_cli_run_of_the_wrong_stage(store, tmp_path, request):
     cfg = make_cfg(tmp_path, "toy")
-    with tracking.stage_run(cfg, "evaluate") as tracker:
+    with engine.stage_run(cfg, "evaluate") as tracker:
         pass
     with pytest.raises(McisError, match=f"run {tracker.run_id} is a 'evaluate' run; this command needs a classify run"):
         tracking.resolve_run(cfg, "classify", tracker.run_id)
@@ -222,7 +222,7 @@ def test_metrics_are_buffered_while_the_server_is_down(mlflow_server, tmp_path, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     cfg = make_cfg(tmp_path, request.node.name, flush_every=10)
     try:
-        with tracking.stage_run(cfg, "segment") as tracker:
+        with engine.stage_run(cfg, "segment") as tracker:
             for step in range(20):
                 tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": poly(step)}, step=step)
             mlflow_server.stop()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mcis_cli import tracking
+from mcis_cli import engine, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import Config
 from tests import servers
@@ -46,7 +46,7 @@ class UI:
 def log_run(home: Path, name: str, base_lr: float, miou: float) -> str:
     cfg = Config.model_validate({"name": EXPERIMENT, "output_dir": str(home / "runs"),
                                  "data": {"root": str(home / "voc")}})
-    with tracking.stage_run(cfg, "segment", run_name=name) as tracker:
+    with engine.stage_run(cfg, "segment", run_name=name) as tracker:
         for step in range(STEPS):
             tracker.log_metrics({"lr": base_lr * (1 - step / STEPS) ** 0.9}, step=step)
         tracker.log_metrics({"miou": miou}, step=STEPS)

@@ -1,4 +1,4 @@
-"""Pair sampling as in the official loader (mcis_method.md §2.7, §2.8), but seeded.
+"""Pair sampling as in the official loader (docs/method.md §2.7, §2.8), but seeded.
 
 Training: for each image, one of its classes uniformly, then a partner uniformly among all images
 holding that class (possibly itself), so a pair always shares a class. Localization: k related

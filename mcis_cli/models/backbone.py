@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mcis_cli.checkpoints import load_checkpoint
 from mcis_cli.errors import McisError
-from mcis_cli.runtime import load_checkpoint
 
 IMAGENET_WEIGHTS = "vgg16-397923af.pth"  # torchvision's VGG16 (ImageNet) file name
 IMAGENET_WEIGHTS_BN = "vgg16_bn-6c64b313.pth"  # and its batch-norm variant's

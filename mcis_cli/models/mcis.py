@@ -1,4 +1,5 @@
-"""The MCIS co-attention classifier (§1-§2 of the method reference) and its training loss (§2.6).
+"""The MCIS co-attention classifier (docs/method.md §1-§2) and its training
+loss (§2.6).
 
 Notation: F = backbone + extra-conv features, G = co-attentive features (built from the other
 image), s = plain CAM scores, t = co-attention scores, u = contrastive co-attention scores.

@@ -1,4 +1,4 @@
-"""Stage 1: train the co-attention classifier on same-class image pairs (method reference §1-§2).
+"""Stage 1: train the co-attention classifier on same-class image pairs (docs/method.md §1-§2).
 
 Every random choice (visiting order, partners, colour jitter) follows from (seed, epoch, index),
 so a resumed run and a torchrun run see exactly the data of an uninterrupted single process.
@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mcis_cli import artifacts, runtime, training
+from mcis_cli import artifacts, engine, training
 from mcis_cli.config import ClassifyCfg, Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.data.pairs import PairSampler, shard
+from mcis_cli.devices import set_rng_state
 from mcis_cli.errors import McisError
 from mcis_cli.models.backbone import load_imagenet
 from mcis_cli.models.mcis import (
@@ -33,7 +34,7 @@ from mcis_cli.models.mcis import (
 from mcis_cli.stages import StageResult
 from mcis_cli.tracking import Nest, Tracker
 
-STAGE = "classify"
+NAME = "classify"
 
 
 def chw(image: np.ndarray) -> torch.Tensor:
@@ -105,11 +106,11 @@ class ClassifyDataset(Dataset):
         return item
 
 
-def epoch_batches(sampler: PairSampler, epoch: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's part of every global batch of the epoch: global batch k is order[kB:(k+1)B],
-    split with stride `world` (the order is padded to a multiple of the world size)."""
-    local = shard(sampler.epoch_order(epoch), rank, world)
-    size = batch_size // world
+def epoch_batches(sampler: PairSampler, epoch: int, batch_size: int, part: int, parts: int) -> list[list[int]]:
+    """Part `part` of `parts` of every global batch of the epoch: global batch k is order[kB:(k+1)B],
+    split with stride `parts` (the order is padded to a multiple of `parts`)."""
+    local = shard(sampler.epoch_order(epoch), part, parts)
+    size = batch_size // parts
     return [local[i : i + size] for i in range(0, len(local), size)]
 
 
@@ -150,7 +151,7 @@ def _optimizer(model: MCISNet, c: ClassifyCfg) -> torch.optim.Optimizer:
 
 class Trainer(training.Trainer):
     """The classifier, its optimizer and its loss (under DDP when distributed); `train_epoch` is
-    the timed loop, `validate` the rank-0 check after each epoch."""
+    the timed loop, `validate` the check after each epoch (by the process that reports)."""
 
     def __init__(self, cfg: Config, num_classes: int, device: torch.device, imagenet: bool):
         c = self.ccfg = cfg.classify
@@ -158,7 +159,7 @@ class Trainer(training.Trainer):
         if imagenet:
             load_imagenet(model.backbone, c.batch_norm)
         model.to(device)
-        super().__init__(STAGE, model, _optimizer(model, c), device, c.amp, c.log_every)
+        super().__init__(NAME, model, _optimizer(model, c), device, c.amp, c.log_every)
         # find_unused_parameters: the gate waits for contrastive_from_epoch
         self.criterion = self.parallel(Criterion(model, c), find_unused_parameters=True)
 
@@ -208,70 +209,68 @@ def _check_pretrained(c: ClassifyCfg) -> None:
         )
 
 
-def _rank_zero_rng(state: dict[str, Any]) -> None:
-    """A state saved by another number of ranks: rank 0's RNG on every rank (all ranks start from
-    one seed, so it is what each of them would have had)."""
-    runtime.set_rng_state(state["rng"][0])
+def _first_process_rng(state: dict[str, Any]) -> None:
+    """A state saved by another number of processes: the first one's RNG in every process (all
+    start from one seed, so it is what each of them would have had)."""
+    set_rng_state(state["rng"][0])
 
 
-def train(cfg: Config, trainer: Trainer, train_set: ClassifyDataset, val_loader: DataLoader,
-          tracker: Tracker | None, out: Path, first_epoch: int, step: int) -> tuple[dict[str, float], int]:
-    """Epochs `first_epoch`.. with validation (rank 0), the model file at checkpoint_epoch and the
-    resume state after each epoch; returns (the last epoch's metrics on rank 0, the global step)."""
-    c = cfg.classify
-    rank, world = runtime.world()
+def train(job: engine.Job, trainer: Trainer, train_set: ClassifyDataset, val_loader: DataLoader,
+          first_epoch: int, step: int) -> tuple[dict[str, float], int]:
+    """Epochs `first_epoch`.. with validation, the model file at checkpoint_epoch and the resume
+    state after each epoch; returns (the last epoch's validation metrics, the global step)."""
+    cfg, c = job.cfg, job.cfg.classify
     keep_epoch = min(c.checkpoint_epoch, c.epochs - 1)
-    per_epoch = len(epoch_batches(train_set.sampler, 0, c.batch_size, rank, world))
+    per_epoch = len(epoch_batches(train_set.sampler, 0, c.batch_size, *trainer.share))
     metrics: dict[str, float] = {}
     with trainer.progress(c.epochs * per_epoch, first_epoch * per_epoch, c.lr):
         for epoch in range(first_epoch, c.epochs):
             train_set.set_epoch(epoch)
-            batches = epoch_batches(train_set.sampler, epoch, c.batch_size, rank, world)
+            batches = epoch_batches(train_set.sampler, epoch, c.batch_size, *trainer.share)
             loader = DataLoader(train_set, batch_sampler=batches,
                                 **training.loader_options(cfg, trainer.device))
-            step, train_loss = trainer.train_epoch(loader, epoch, step, tracker)
-            if trainer.main:
-                metrics = {"train/loss": train_loss, **trainer.validate(val_loader)}
-                tracker.log_metrics(metrics, step=epoch)
+            step, train_loss = trainer.train_epoch(loader, epoch, step, job.log)
+            metrics = job.report(lambda log, loss=train_loss, e=epoch: _validate(log, trainer, val_loader, loss, e)) or {}
             if epoch == keep_epoch:
-                trainer.save_model(out / artifacts.MODEL, epoch, tracker)
-            trainer.save(out / artifacts.LAST, tracker, epoch=epoch, global_step=step)
+                trainer.save_model(job.folder / artifacts.MODEL, epoch, job.log)
+            trainer.save(job.folder / artifacts.LAST, job.log, epoch=epoch, global_step=step)
     return metrics, step
 
 
-def _memory(cfg: Config) -> tuple[str, str, str]:
+def _validate(log, trainer: Trainer, val_loader: DataLoader, train_loss: float, epoch: int) -> dict[str, float]:
+    metrics = {"train/loss": train_loss, **trainer.validate(val_loader)}
+    log.log_metrics(metrics, step=epoch)
+    return metrics
+
+
+def _memory(cfg: Config) -> tuple[str, str]:
     c = cfg.classify
     views = " and its self-pair views" if c.self_pairs else ""
-    return STAGE, f"{c.batch_size} pairs of {c.input_size} px{views}, width {c.width}", "classify.batch_size"
+    return f"{c.batch_size} pairs of {c.input_size} px{views}, width {c.width}", "classify.batch_size"
 
 
-@runtime.memory_guarded(_memory)
+STAGE = engine.Stage(NAME, sections=(NAME,), memory=_memory)
+
+
+@STAGE
 def run(cfg: Config, resume: str | None = None, parent: Nest | None = None) -> StageResult:
-    """Train (or with `resume`, continue) a classifier; log to MLflow; return the summary."""
+    """Train (or continue) a classifier; log to MLflow; return the summary."""
     c = cfg.classify
     _check_pretrained(c)
-    prior, device = training.start(cfg, STAGE, c.batch_size, resume)
+    training.check_split(NAME, c.batch_size)
+    job = engine.start(STAGE, cfg, resume=resume, parent=parent)
     classes = voc.class_names(cfg.data.root)
     train_set = ClassifyDataset(voc.train_samples(cfg.data), len(classes), c, cfg.seed, train=True)
     val_set = ClassifyDataset(voc.split_samples(cfg.data.root, cfg.data.val_list), len(classes), c,
                               cfg.seed, train=False)
     if not len(train_set):
         raise McisError(f"the training list {cfg.data.train_list!r} of {cfg.data.root} is empty")
-    trainer = Trainer(cfg, len(classes), device, imagenet=c.pretrained and not resume)
-    val_loader = DataLoader(val_set, batch_size=c.batch_size, **training.loader_options(cfg, device))
+    trainer = Trainer(cfg, len(classes), job.device, imagenet=c.pretrained)
+    val_loader = DataLoader(val_set, batch_size=c.batch_size, **training.loader_options(cfg, job.device))
 
-    with runtime.open_run(cfg, STAGE, resume=resume, parent=parent) as (tracker, run_id):
-        out = Path(cfg.output_dir) / run_id
-        state = trainer.resume(cfg, prior, _rank_zero_rng) if prior else None
-        if prior and not state and c.pretrained:  # killed before its first checkpoint
-            load_imagenet(trainer.model.backbone, c.batch_norm)
-        if trainer.main and not prior:
-            tracker.set_tags({"mcis.method": c.method})
-            tracker.log_params({"world_size": runtime.world()[1], "effective_batch": c.batch_size})
+    with job.open(tags={"mcis.method": c.method}, params={"effective_batch": c.batch_size}):
+        state = trainer.resume(job.resume_file(artifacts.LAST), _first_process_rng)
         first_epoch, step = (state["epoch"] + 1, state["global_step"]) if state else (0, 0)
-        metrics, step = train(cfg, trainer, train_set, val_loader, tracker, out, first_epoch, step)
-    return StageResult(
-        run_id=run_id,
-        metrics={**metrics, "epochs": c.epochs, "steps": step},
-        outputs={"checkpoint": str(out / artifacts.MODEL)},
-    )
+        metrics, step = train(job, trainer, train_set, val_loader, first_epoch, step)
+    return job.result({**metrics, "epochs": c.epochs, "steps": step},
+                      {"checkpoint": str(job.folder / artifacts.MODEL)})

@@ -2,45 +2,37 @@
 
 - a segment run: its model, multi-scale + flip, then the dense CRF; both the plain and the CRF
   scores are logged (`miou` is the final one, `miou_nocrf` the other), since the CRF does not
-  always help (anchors §5, #6);
+  always help;
 - a pseudolabel run: its masks, over the pixels they label (255 = ignore is left out, not
   counted as wrong), plus the fraction they leave unlabelled;
 - a localize run: its maps, over a sweep of background thresholds; `miou` is the best one.
 
-Runs are tagged with what was scored and where (mcis.scored_stage, mcis.split, mcis.crf): users
-mix up train pseudo-label mIoU with val segmentation mIoU all the time (anchors §5, #2).
+Runs are tagged with what was scored and where (mcis.scored_stage, mcis.split, mcis.crf), so a
+train pseudo-label mIoU is never taken for a val segmentation mIoU.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mcis_cli import artifacts, metrics, reporting, runtime, tracking
+from mcis_cli import artifacts, engine, metrics, quality, reporting, tracking
 from mcis_cli.artifacts import load_maps, map_file, mask_file
 from mcis_cli.config import Config
 from mcis_cli.crf import crf_map
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
 from mcis_cli.files import atomic_path
-from mcis_cli.progress import out, work_progress
+from mcis_cli.progress import out
 from mcis_cli.stages import StageResult
 from mcis_cli.tta import predict_probs
 
 STAGES = ("segment", "pseudolabel", "localize")
-# VOC 2012 val mIoU (%) of MCIS and the baselines it compares with, and how sure we are of each
-# (shared/reference/mcis_method.md §6).
-REFERENCES = (
-    ("MCIS", "VGG16 LargeFOV", 63.5, "recalled, not verified"),
-    ("MCIS", "ResNet-101 LargeFOV", 66.2, "verified: MCIS README"),
-    ("PSA", "VGG16", 58.4, "recalled, not verified"),
-    ("OAA+", "VGG16 LargeFOV", 63.1, "recalled, not verified"),
-)
 
 
 @dataclass
@@ -77,72 +69,65 @@ def _pixels(sample: voc.Sample) -> int:
         return image.width * image.height
 
 
-def _tally(
-    samples: Sequence[voc.Sample], items: Callable[[list[voc.Sample]], Iterator[tuple[voc.Sample, np.ndarray, np.ndarray]]],
-    num_classes: int, shown: set[str], masks_dir: Path | None, ignore_pred: bool = False,
-) -> tuple[np.ndarray, list, float]:
-    """Confusion matrix of the (sample, gt, pred) `items(share)` with a progress bar; keeps the
-    overlays, writes the masks when asked. Returns (cm, overlays, fraction of pixels predicted
-    255). Under torchrun each rank scores its share of `samples` (balanced by pixels); the counts
-    are summed over the ranks (the int64 matrix all-reduced) and the overlays gathered in order."""
-    mine = runtime.shard(samples, [_pixels(s) for s in samples]) if runtime.distributed() else samples
-    cm = np.zeros((num_classes, num_classes), np.int64)
-    overlays, ignored, pixels = [], 0, 0
-    with work_progress() as bar:
-        bar.disable = not runtime.is_main()
-        task = bar.add_task("evaluate", total=len(mine))
-        for sample, gt, pred in items(mine):
-            cm += metrics.confusion_matrix(pred, gt, num_classes, ignore_pred=ignore_pred)
-            ignored += int((pred == transforms.IGNORE).sum())
-            pixels += pred.size
+def _tally(job: engine.Job, label: str, samples: Sequence[voc.Sample], pairs, num_classes: int,
+           shown: set[str], masks_dir: Path | None, ignore_pred: bool = False) -> tuple:
+    """Confusion matrix of the (sample, gt, pred, extra record) that `pairs(samples)` yields, with
+    the masks written when asked. Returns (cm, overlays of the `shown` images, fraction of pixels
+    predicted 255), and the records, which also hold each `extra`."""
+    def process(todo: list[voc.Sample]):
+        for sample, gt, pred, extra in pairs(todo):
+            record = {"cm": metrics.confusion_matrix(pred, gt, num_classes, ignore_pred=ignore_pred),
+                      "ignored": int((pred == transforms.IGNORE).sum()), "pixels": pred.size, **extra}
             if sample.id in shown:
-                overlays.append((sample.id, (transforms.load_image(sample.image), gt, pred)))
+                record["pred"] = pred
             if masks_dir is not None:
                 transforms.save_palette_png(masks_dir / f"{sample.id}.png", pred)
-            bar.advance(task)
-    runtime.settle("evaluate")
-    ignored, pixels = runtime.all_sum(np.array([ignored, pixels]))
-    order = {s.id: i for i, s in enumerate(samples)}
-    overlays = [o for _, o in sorted(runtime.gather(overlays), key=lambda o: order[o[0]])]
-    return runtime.all_sum(cm), overlays, ignored / max(pixels, 1)
+            yield sample, record
+
+    records = job.map(label, samples, process, key=lambda s: s.id, weight=_pixels)
+    overlays = [(transforms.load_image(s.image), voc.load_mask(job.cfg.data.root, s.id), r["pred"])
+                for s, r in zip(samples, records, strict=True) if s.id in shown]
+    cm = records.total("cm", np.zeros((num_classes, num_classes), np.int64))
+    return cm, overlays, int(records.total("ignored")) / max(int(records.total("pixels")), 1), records
 
 
 # ---- the three scorers -------------------------------------------------------------------
-def _score_segment(cfg: Config, model, meta: dict, samples, names, shown, masks_dir) -> Scored:
-    """Multi-scale + flip inference, then (optionally) the CRF in worker processes (a pool per
-    rank under torchrun); the CRF runs on images already predicted while the next ones go
-    through the network."""
+def _score_segment(job: engine.Job, model, meta: dict, samples, names, shown, masks_dir) -> Scored:
+    """Multi-scale + flip inference, then (optionally) the CRF in worker processes; the CRF runs
+    on images already predicted while the next ones go through the network."""
+    cfg = job.cfg
     ev, root, k = cfg.evaluate, cfg.data.root, len(names)
-    device = runtime.select_device(cfg.device)
-    model.to(device).eval()
-    plain = np.zeros((k, k), np.int64)
+    model.to(job.device).eval()
     waiting: deque = deque()
 
     def predictions(share):
         for sample in share:
             image = transforms.load_image(sample.image)
             gt = voc.load_mask(root, sample.id)
-            probs = predict_probs(model, image, ev.scales, ev.flip, ev.window, device,
+            probs = predict_probs(model, image, ev.scales, ev.flip, ev.window, job.device,
                                   meta.get("mean", transforms.IMAGENET_MEAN),
                                   meta.get("std", transforms.IMAGENET_STD), ev.upsample)
             pred = probs.argmax(0).astype(np.uint8)
-            plain[:] += metrics.confusion_matrix(pred, gt, k)
-            waiting.append((sample, gt, pred))
+            waiting.append((sample, gt, pred, {"plain": metrics.confusion_matrix(pred, gt, k)}))
             yield image, probs
 
-    def items(share):
+    def pairs(share):
         if ev.crf:
             refined = crf_map(predictions(share), ev.crf_params, ev.jobs, argmax=True)
-            return ((*waiting.popleft()[:2], pred) for pred in refined)
-        return (waiting.popleft() for _ in predictions(share))
+            for pred in refined:
+                sample, gt, _, extra = waiting.popleft()
+                yield sample, gt, pred, extra
+        else:
+            for _ in predictions(share):
+                yield waiting.popleft()
 
-    cm, overlays, _ = _tally(samples, items, k, shown, masks_dir)
+    cm, overlays, _, records = _tally(job, "evaluate", samples, pairs, k, shown, masks_dir)
     note = (f"Model predictions: scales {ev.scales}, flip {ev.flip}, window {ev.window or 'none'}, "
             f"{ev.upsample} upsampling"
             + (f", dense CRF {ev.crf_params.model_dump()}." if ev.crf else ", no CRF."))
     if not ev.crf:
         return Scored(cm, note, overlays=overlays)
-    before = metrics.scores(runtime.all_sum(plain), names)
+    before = metrics.scores(records.total("plain"), names)
     after = metrics.scores(cm, names)["miou"]
     return Scored(
         cm,
@@ -153,48 +138,45 @@ def _score_segment(cfg: Config, model, meta: dict, samples, names, shown, masks_
     )
 
 
-def _score_pseudo(cfg: Config, folder: Path, samples, names, shown, masks_dir) -> Scored:
-    root = cfg.data.root
+def _score_pseudo(job: engine.Job, folder: Path, samples, names, shown, masks_dir) -> Scored:
+    root = job.cfg.data.root
 
-    def items(share):
-        return ((s, voc.load_mask(root, s.id), transforms.read_index_png(mask_file(folder, s.id))) for s in share)
+    def pairs(share):
+        for s in share:
+            yield s, voc.load_mask(root, s.id), transforms.read_index_png(mask_file(folder, s.id)), {}
 
-    cm, overlays, ignored = _tally(samples, items, len(names), shown, masks_dir, ignore_pred=True)
+    cm, overlays, ignored, _ = _tally(job, "evaluate", samples, pairs, len(names), shown, masks_dir,
+                                      ignore_pred=True)
     note = ("Pseudo masks scored over the pixels they label: 255 (ignore) is left out, not "
             "counted as wrong; ignore_fraction is the share of pixels left unlabelled.")
     return Scored(cm, note, headline={"ignore_fraction": ignored}, overlays=overlays)
 
 
-def _score_maps(cfg: Config, folder: Path, samples, names, shown, masks_dir) -> Scored:
+def _score_maps(job: engine.Job, folder: Path, samples, names, shown, masks_dir) -> Scored:
     """Background-threshold sweep; overlays and masks come from a second pass at the best one."""
-    root, k, thresholds = cfg.data.root, len(names), cfg.evaluate.bg_sweep
-    total = np.zeros((len(thresholds), k, k), np.int64)
-    mine = runtime.shard(samples)
-    with work_progress() as bar:
-        bar.disable = not runtime.is_main()
-        task = bar.add_task("sweep", total=len(mine))
-        for sample in mine:
+    root, k, thresholds = job.cfg.data.root, len(names), job.cfg.quality.bg_sweep
+
+    def sweep(share):
+        for sample in share:
             maps, classes = load_maps(map_file(folder, sample.id))
-            total += metrics.threshold_sweep(maps, classes, voc.load_mask(root, sample.id), thresholds, k)
-            bar.advance(task)
-    total = runtime.all_sum(total)
-    mious = [metrics.scores(cm, names)["miou"] for cm in total]
-    best = int(np.nanargmax(mious))
-    threshold = thresholds[best]
+            yield sample, quality.maps_record(maps, classes, voc.load_mask(root, sample.id), None, thresholds, k)
+
+    records = job.map("sweep", samples, sweep, key=lambda s: s.id)
+    scored = quality.maps_scores(records.total("sweep"), None, names, thresholds)
+    threshold = scored["threshold"]
 
     def at_best(share):
         for sample in share:
             maps, classes = load_maps(map_file(folder, sample.id))
-            yield sample, voc.load_mask(root, sample.id), metrics.labels_from_maps(maps, classes, threshold)
+            yield sample, voc.load_mask(root, sample.id), metrics.labels_from_maps(maps, classes, threshold), {}
 
     again = samples if masks_dir is not None else [s for s in samples if s.id in shown]
-    _, overlays, _ = _tally(again, at_best, k, shown, masks_dir)
+    _, overlays, _, _ = _tally(job, "best", again, at_best, k, shown, masks_dir)
     note = ("Localization maps: label = argmax over [background threshold, maps]; the scores "
             f"are those of the best of {len(thresholds)} thresholds.")
-    return Scored(
-        total[best], note, headline={"best_threshold": threshold}, overlays=overlays,
-        curve=list(zip(thresholds, mious, strict=True)),
-    )
+    mious = [s["miou"] for s in scored["curve"]]
+    return Scored(scored["cm"], note, headline={"best_threshold": threshold}, overlays=overlays,
+                  curve=list(zip(thresholds, mious, strict=True)))
 
 
 # ---- reporting ---------------------------------------------------------------------------
@@ -223,19 +205,13 @@ def class_table(result: dict):
         for name, iou in result["iou"].items()))
 
 
-def results_markdown(title: str, note: str, summary: dict[str, float], result: dict, curve,
-                     references: bool) -> str:
+def results_markdown(title: str, note: str, summary: dict[str, float], result: dict, curve) -> str:
     parts = [f"# {title}\n\n{note}\n",
              reporting.markdown(reporting.table(("metric", "value"), ((k, f"{v:.4f}") for k, v in summary.items()))),
              reporting.markdown(class_table(result))]
     if curve:
         parts.append(reporting.markdown(reporting.table(("background threshold", "mIoU %"),
                                                         ((f"{t:.2f}", _pct(m)) for t, m in curve))))
-    if references:
-        rows = [("this run", "", _pct(summary["miou"]), "measured")]
-        rows += [(m, net, f"{v:.1f}", src) for m, net, v, src in REFERENCES]
-        parts.append("Published VOC 2012 val mIoU (MS + flip + CRF), for comparison:\n\n" + reporting.markdown(
-            reporting.table(("method", "segmentation network", "val mIoU %", "source"), rows, left=2)))
     return "\n".join(parts)
 
 
@@ -270,20 +246,25 @@ def _inputs(cfg: Config, source: tracking.SourceRun, samples, names) -> tuple:
     return (folder,)
 
 
-def _memory(cfg: Config) -> tuple[str, str, str]:
+def _memory(cfg: Config) -> tuple[str, str]:
     ev = cfg.evaluate
     windows = f"{ev.window} px windows" if ev.window else "whole images"
-    return "evaluate", f"{windows} at scales up to {max(ev.scales)}", "evaluate.window or the largest evaluate.scales"
+    return f"{windows} at scales up to {max(ev.scales)}", "evaluate.window or the largest evaluate.scales"
 
 
-@runtime.memory_guarded(_memory)
-def run(cfg: Config, from_run: str | None = None, split: str | None = None,
+STAGE = engine.Stage("evaluate", reads=("segment",), sections=("evaluate", "quality"), memory=_memory)
+SCORERS = {"segment": _score_segment, "pseudolabel": _score_pseudo, "localize": _score_maps}
+
+
+@STAGE
+def run(cfg: Config, from_run: str | None = None, split: str | None = None, resume: str | None = None,
         parent: tracking.Nest | None = None) -> StageResult:
     """Score the given run (default: the method's newest finished segment run) on `split` (default: the
     val list for a model, the train list for maps and pseudo masks)."""
-    runtime.init_distributed(cfg.device)
-    source = tracking.resolve_run(cfg, STAGES if from_run else "segment", from_run)
-    stage, root = source.stage, cfg.data.root
+    job = engine.start(STAGE, cfg, from_run=from_run, resume=resume, parent=parent,
+                       reads=STAGES if from_run or resume else None, extra={"split": split})
+    source, root = job.source, cfg.data.root
+    stage = source.stage
     split = split or (cfg.data.val_list if stage == "segment" else cfg.data.train_list)
     names = ["background", *voc.class_names(root)]
     samples = voc.split_samples(root, split)
@@ -291,52 +272,51 @@ def run(cfg: Config, from_run: str | None = None, split: str | None = None,
         raise McisError(f"split {split!r} of {root} lists no images")
     _require((voc.mask_path(root, s.id) for s in samples), "ground-truth mask",
              f"evaluation needs {voc.MASKS}/ for every image of split {split!r}")
-
-    # before the run opens: no failed run for bad input; rank 0 downloads, the others find the files
-    inputs = runtime.rank_zero_first(lambda: _inputs(cfg, source, samples, names))
+    inputs = job.first(lambda: _inputs(cfg, source, samples, names))  # before the run: bad input opens none
     crf = cfg.evaluate.crf and stage == "segment"
-    scorer = {"segment": _score_segment, "pseudolabel": _score_pseudo, "localize": _score_maps}[stage]
 
-    with runtime.open_run(cfg, "evaluate", source=source, parent=parent) as (tracker, run_id):
-        if tracker:
-            tracker.set_tags({"mcis.scored_stage": stage, "mcis.split": split, "mcis.crf": str(crf).lower()})
-        folder = tracking.workdir(cfg, run_id)
-        masks_dir = folder / "masks" if cfg.evaluate.save_masks else None
-        shown = overlay_ids(samples, cfg.evaluate.overlays)
-        scored = scorer(cfg, *inputs, samples, names, shown, masks_dir)
-
+    with job.open(tags={"mcis.scored_stage": stage, "mcis.split": split, "mcis.crf": str(crf).lower()}):
+        masks_dir = job.folder / "masks" if cfg.evaluate.save_masks else None
+        scored = SCORERS[stage](job, *inputs, samples, names, overlay_ids(samples, cfg.evaluate.overlays),
+                                masks_dir)
         result = metrics.scores(scored.cm, names)
         summary = {k: result[k] for k in ("miou", "pixel_acc", "mean_acc", "fw_iou")} | scored.headline
-        outputs = {"results": str(folder / "results.md")} | ({"masks": str(masks_dir)} if masks_dir else {})
-        if tracker is None:  # rank 0 reports for all
-            return StageResult(run_id, summary, outputs)
         if stage == "segment" and source.role != tracking.CEILING:
-            ceiling = ceiling_miou(cfg, split, crf)
-            if ceiling is not None and ceiling > 0:
-                summary |= {"ceiling_miou": ceiling, "ceiling_fraction": result["miou"] / ceiling}
-        tracker.log_metrics(metrics.mlflow_metrics(result) | summary | scored.extra)
-        for threshold, miou in scored.curve:
-            tracker.log_metrics({"sweep/miou": miou}, step=round(threshold * 100))
-
+            summary |= job.report(lambda log: ceiling_scores(cfg, split, crf, result["miou"])) or {}
         title = f"{stage} run {source.run_id} on {split}" + (" + CRF" if crf else "")
-        with atomic_path(folder / "confusion.csv") as tmp:
-            tmp.write_text(reporting.confusion_csv(scored.cm, names))
-        tracker.log_artifact(folder / "confusion.csv")
-        tracker.log_dict(_json_safe(result), "scores.json")
-        tracker.log_figure(reporting.confusion_figure(scored.cm, names), "plots/confusion.png")
-        tracker.log_figure(reporting.iou_figure(result["iou"], result["miou"]), "plots/iou.png")
-        if scored.curve:
-            thresholds, mious = zip(*scored.curve, strict=True)
-            tracker.log_figure(reporting.sweep_figure(thresholds, {"mIoU": mious}, "background threshold",
-                                                      summary["best_threshold"]), "plots/sweep.png")
-        if scored.overlays:
-            tracker.log_figure(reporting.overlay_figure(scored.overlays, names), "plots/overlays.png")
-        on_voc = stage == "segment" and tuple(names[1:]) == voc.VOC_CLASSES
-        report = folder / "results.md"
-        with atomic_path(report) as tmp:
-            tmp.write_text(results_markdown(title, scored.note, summary, result, scored.curve, on_voc))
-        tracker.log_artifact(report)
-        if masks_dir is not None:
-            tracker.log_artifacts(masks_dir, "masks")
-        _print_table(title, summary, result)
-        return StageResult(run_id, summary, outputs)
+        job.report(lambda log: _report(log, job.folder, title, scored, summary, result, names, masks_dir))
+    outputs = {"results": str(job.folder / "results.md")} | ({"masks": str(masks_dir)} if masks_dir else {})
+    return job.result(summary, outputs)
+
+
+def ceiling_scores(cfg: Config, split: str, crf: bool, miou: float) -> dict[str, float]:
+    """The fully supervised ceiling's mIoU and the fraction of it reached, when there is one."""
+    ceiling = ceiling_miou(cfg, split, crf)
+    return {"ceiling_miou": ceiling, "ceiling_fraction": miou / ceiling} if ceiling else {}
+
+
+def _report(log: tracking.Tracker, folder: Path, title: str, scored: Scored, summary: dict[str, float],
+            result: dict, names: Sequence[str], masks_dir: Path | None) -> None:
+    """The scores, the confusion matrix, the plots, results.md and the masks; the table printed."""
+    log.log_metrics(metrics.mlflow_metrics(result) | summary | scored.extra)
+    for threshold, miou in scored.curve:
+        log.log_metrics({"sweep/miou": miou}, step=round(threshold * 100))
+    with atomic_path(folder / "confusion.csv") as tmp:
+        tmp.write_text(reporting.confusion_csv(scored.cm, names))
+    log.log_artifact(folder / "confusion.csv")
+    log.log_dict(_json_safe(result), "scores.json")
+    log.log_figure(reporting.confusion_figure(scored.cm, names), "plots/confusion.png")
+    log.log_figure(reporting.iou_figure(result["iou"], result["miou"]), "plots/iou.png")
+    if scored.curve:
+        thresholds, mious = zip(*scored.curve, strict=True)
+        log.log_figure(reporting.sweep_figure(thresholds, {"mIoU": mious}, "background threshold",
+                                              summary["best_threshold"]), "plots/sweep.png")
+    if scored.overlays:
+        log.log_figure(reporting.overlay_figure(scored.overlays, names), "plots/overlays.png")
+    report = folder / "results.md"
+    with atomic_path(report) as tmp:
+        tmp.write_text(results_markdown(title, scored.note, summary, result, scored.curve))
+    log.log_artifact(report)
+    if masks_dir is not None:
+        log.log_artifacts(masks_dir, "masks")
+    _print_table(title, summary, result)

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +28,10 @@ from PIL import Image
 from torch import nn
 from torch.export import Dim
 
-from mcis_cli import __version__, artifacts, metrics, runtime, tracking
+from mcis_cli import __version__, artifacts, engine, metrics, tracking
 from mcis_cli.config import Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
-from mcis_cli.files import exclusive_file
 from mcis_cli.progress import console
 from mcis_cli.serving import JSON_KEYS, infer, open_session, preprocess, read_metadata
 from mcis_cli.stages import StageResult
@@ -228,12 +227,15 @@ def _describe(path: Path) -> str:
         return "a file that is not an mcis model"
 
 
-def _memory(cfg: Config) -> tuple[str, str, str]:
-    return "export", f"parity sizes {cfg.export.parity_sizes}", "export.parity_sizes"
+def _memory(cfg: Config) -> tuple[str, str]:
+    return f"parity sizes {cfg.export.parity_sizes}", "export.parity_sizes"
 
 
-@runtime.memory_guarded(_memory)
-def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
+STAGE = engine.Stage("export", reads=("segment",), sections=("export",), memory=_memory, one_process=True)
+
+
+@STAGE
+def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None, resume: str | None = None,
         parent: tracking.Nest | None = None, ceiling: bool = False) -> StageResult:
     """Export the segment run's model, verify it, log it and register it in MLflow.
 
@@ -244,16 +246,18 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
     if ex.precision == "int8" and ex.quantize == "none":
         raise McisError("export.precision=int8 needs export.quantize=dynamic or static "
                         "(how the int8 model is made)")
-    source = tracking.resolve_run(cfg, "segment", from_run)
+    job = engine.start(STAGE, cfg, from_run=from_run, resume=resume, parent=parent,
+                       extra={"out": str(Path(out).resolve()) if out else None})
+    source = job.source
     if source.role == tracking.CEILING and not ceiling:
         raise McisError(f"segment run {source.run_id} is the fully supervised ceiling (trained on "
                         "ground-truth masks), not the method; pass --ceiling to export it on purpose")
     model, meta = artifacts.load_segmenter(source.fetch(artifacts.MODEL))
     calibration = [s.image for s in voc.train_samples(cfg.data)[:CALIBRATION_IMAGES]] \
         if ex.quantize == "static" else []
-    lock = exclusive_file(out, "--out file") if out else nullcontext()  # the default is the run's own
-    with lock, tracking.stage_run(cfg, "export", source=source, parent=parent) as tracker:
-        target = Path(out) if out else tracking.workdir(cfg, tracker.run_id) / "model.onnx"
+    with job.open(lock=Path(out) if out else None):
+        tracker = job.log  # a one-process stage: this process holds the run
+        target = Path(out) if out else job.folder / "model.onnx"
         metadata = model_metadata(meta, source.run_id, ex.opset)
         program = to_onnx(model, ex.opset, metadata)
         previous = _describe(target) if target.exists() else None
@@ -293,5 +297,5 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
             for key, value in tags.items():
                 tracking.set_model_version_tag(tracker, ex.model_name, version, key, value)
             outputs["registered"] = f"models:/{ex.model_name}/{version}"
-    return StageResult(tracker.run_id, scores, outputs)
+    return job.result(scores, outputs)
 

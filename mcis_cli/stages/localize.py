@@ -1,4 +1,5 @@
-"""`mcis localize`: a localization map per ground-truth class of every training image (§2.8).
+"""`mcis localize`: a localization map per ground-truth class of every training image
+(docs/method.md §2.8).
 
 Method `mcis`: for each class c of an image X, the co-attention map of X is averaged over
 `partners` related images holding c; three self-pairs (X with its flip, its 0.75x and its 2x view)
@@ -13,17 +14,14 @@ cheap pair heads run on batches of pairs. `naive=True` recomputes the features f
 official code does; it exists to prove the maps identical and for the benchmark.
 
 Partners are drawn from a generator seeded by (seed, image index): the same run gives the same
-maps, and a killed run, started again, writes only the files still missing (every file is written
-atomically, so a file under its final name is complete).
+maps, and a killed run, started again, computes only the chunks it had not finished.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,18 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcis_cli import artifacts, metrics, reporting, runtime, tracking
+from mcis_cli import artifacts, engine, metrics, quality, reporting, tracking
 from mcis_cli.artifacts import load_maps, map_file, save_maps, save_previews
 from mcis_cli.config import Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.data.pairs import PairSampler
 from mcis_cli.errors import McisError
-from mcis_cli.files import exclusive
 from mcis_cli.models.mcis import VIEW_SCALES, MCISNet
-from mcis_cli.progress import work_progress
 from mcis_cli.stages import StageResult
 
-RESUME_TAG = "mcis.localize_key"
 OVERLAYS = 8
 
 
@@ -276,48 +271,7 @@ def compute_maps(model: MCISNet, items: Sequence[Item], samples: Sequence[voc.Sa
             yield item, to_image_size(maps, image.shape[:2])
 
 
-# ---- quality (evaluation only: reads ground-truth masks into a separate report) ---------------
-def maps_quality(samples: Sequence[voc.Sample], maps_dir: Path, root: str,
-                 class_names: Sequence[str], thresholds: Sequence[float]) -> dict | None:
-    """mIoU of argmax over [background threshold, maps] for each threshold, on the images that
-    have a ground-truth mask, and where the maps' hot regions fall (part / body / off the
-    object) on those with a part map. None when no image has a mask. Under torchrun each rank
-    sums its share of the images and the counts are added up."""
-    names = ["background", *class_names]
-    total = np.zeros((len(thresholds), len(names), len(names)), np.int64)
-    hot = np.zeros(5, np.int64)
-    scored = 0
-    for sample in runtime.shard(samples):
-        if not voc.mask_path(root, sample.id).is_file():
-            continue
-        maps, classes = load_maps(map_file(maps_dir, sample.id))
-        mask, parts = voc.load_mask(root, sample.id), voc.load_parts(root, sample.id)
-        total += metrics.threshold_sweep(maps, classes, mask, thresholds, len(names))
-        if parts is not None:
-            hot += metrics.hot_region_counts(maps, classes, mask, parts)
-        scored += 1
-    if not runtime.all_sum(np.array([scored]))[0]:
-        return None
-    total, hot = runtime.all_sum(total), runtime.all_sum(hot)
-    curve = [metrics.scores(cm, names) for cm in total]
-    best = int(np.argmax([s["miou"] for s in curve]))
-    return {"curve": curve, "best": best, "threshold": thresholds[best], "cm": total[best],
-            "hot": metrics.hot_region_scores(hot) if hot[0] else {}}
-
-
 # ---- the stage -------------------------------------------------------------------------------
-def _key(cfg: Config, source_id: str) -> str:
-    """What makes two localize runs produce the same files: the input run and this config."""
-    text = "|".join([source_id, cfg.data.model_dump_json(), cfg.localize.model_dump_json(), str(cfg.seed)])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _interrupted(cfg: Config, key: str) -> str | None:
-    """An unfinished localize run with the same key, whose files a new start can complete."""
-    runs = tracking.find_runs(cfg, "localize", finished=False, **{RESUME_TAG: key})
-    return runs[0].run_id if runs else None
-
-
 def _check(cfg: Config, meta: dict | None = None, names: Sequence[str] = ()) -> None:
     """Refuse configurations that cannot give maps: before (config only) and after loading."""
     lc = cfg.localize
@@ -335,110 +289,89 @@ def _check(cfg: Config, meta: dict | None = None, names: Sequence[str] = ()) -> 
 
 
 def _work(item: Item) -> int:
-    """What an image costs, for balancing the shards: its own features and self-pairs, and a
+    """What an image costs, for balancing the shares: its own features and self-pairs, and a
     pair head per partner."""
     return 4 + sum(len(js) for js in item.partners)
 
 
-def _memory(cfg: Config) -> tuple[str, str, str]:
+def _memory(cfg: Config) -> tuple[str, str]:
     lc = cfg.localize
     size = f"{lc.input_size} px" if lc.input_size else "the classifier's size"
-    return ("localize", f"batches of {lc.batch_size} at {size} with a {lc.cache_mb} MB feature cache",
+    return (f"batches of {lc.batch_size} at {size} with a {lc.cache_mb} MB feature cache",
             "localize.batch_size or localize.cache_mb")
 
 
-@runtime.memory_guarded(_memory)
-def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None = None) -> StageResult:
-    """Under torchrun each rank computes its share of the chunks (batch_size images, fixed over
-    the whole list, so every chunk's batches are those of a single process), writes its files,
-    and rank 0 logs the merged counts and the maps of all."""
+STAGE = engine.Stage("localize", reads=("classify",), sections=("localize", "quality"), memory=_memory)
+HEADLINE = ("maps/miou", "maps/best_threshold", "maps/hot_on_part", "maps/hot_on_body", "maps/hot_off_object",
+            "maps/part_recall", "maps/body_recall")
+
+
+@STAGE
+def run(cfg: Config, from_run: str | None = None, resume: str | None = None,
+        parent: tracking.Nest | None = None) -> StageResult:
+    """Maps for every training image, in chunks of `localize.batch_size` images: the same chunks
+    however the work is shared out, so every map is the one a single process computes."""
     _check(cfg)
-    runtime.init_distributed(cfg.device)
-    runtime.seed_everything(cfg.seed)
-    device = runtime.select_device(cfg.device)
-    source = tracking.resolve_run(cfg, "classify", from_run)
-    model, meta = runtime.rank_zero_first(lambda: artifacts.load_classifier(source, device))
+    job = engine.start(STAGE, cfg, from_run=from_run, resume=resume, parent=parent)
+    model, meta = job.first(lambda: artifacts.load_classifier(job.source, job.device))
     names = voc.class_names(cfg.data.root)
     _check(cfg, meta, names)
     samples = voc.train_samples(cfg.data)
-    lcfg = cfg.localize
-    size = lcfg.input_size or int(meta["input_size"])
-    key = _key(cfg, source.run_id)
-    main = runtime.is_main()
-    resume = _interrupted(cfg, key) if main else None
+    lc, root, thresholds = cfg.localize, cfg.data.root, cfg.quality.bg_sweep
+    size = lc.input_size or int(meta["input_size"])
+    items = plan(samples, lc.partners if lc.method == "mcis" else 0, cfg.seed)
+    cache = FeatureCache(model, samples, size, job.device, lc.cache_mb)
 
-    with ExitStack() as stack:
-        if resume:  # lock first: a run that another process is still writing is never reopened
-            stack.enter_context(exclusive(tracking.workdir(cfg, resume), "localize run"))
-        tracker, run_id = stack.enter_context(
-            runtime.open_run(cfg, "localize", source=source, parent=parent, resume=resume))
-        out = tracking.workdir(cfg, run_id)
-        if main and not resume:
-            stack.enter_context(exclusive(out, "localize run"))
-        if tracker:
-            tracker.set_tags({RESUME_TAG: key})
-        maps_dir, previews_dir = out / artifacts.MAPS, out / artifacts.MAP_PREVIEWS
-        items = plan(samples, lcfg.partners if lcfg.method == "mcis" else 0, cfg.seed)
-        todo = {item.index for item in items if not map_file(maps_dir, item.sample.id).is_file()}
-        runtime.barrier()  # every rank has listed the files before any rank writes one
-        chunks = [items[s : s + lcfg.batch_size] for s in range(0, len(items), lcfg.batch_size)]
-        chunks = [c for c in chunks if any(item.index in todo for item in c)]
-        mine = runtime.shard(chunks, [sum(map(_work, c)) for c in chunks])
-        cache = FeatureCache(model, samples, size, device, lcfg.cache_mb)
-        planes = empty = 0
-        with work_progress() as progress:
-            progress.disable = not main
-            task = progress.add_task("localize", total=len(items), completed=len(items) - len(todo))
-            for item, maps in compute_maps(model, [item for c in mine for item in c], samples, size,
-                                           method=lcfg.method, self_pairs=lcfg.self_pairs, gate=lcfg.gate,
-                                           batch_size=lcfg.batch_size, cache=cache, device=device):
-                if item.index not in todo:  # done by an earlier start: its chunk is computed whole
-                    continue
+    with job.open():
+        maps_dir, previews_dir = job.folder / artifacts.MAPS, job.folder / artifacts.MAP_PREVIEWS
+
+        def process(todo: list[Item]):
+            for item, maps in compute_maps(model, todo, samples, size, method=lc.method, self_pairs=lc.self_pairs,
+                                           gate=lc.gate, batch_size=lc.batch_size, cache=cache, device=job.device):
                 save_maps(map_file(maps_dir, item.sample.id), maps, item.sample.labels)
-                if lcfg.previews:
+                if lc.previews:
                     save_previews(previews_dir, item.sample.id, maps, item.sample.labels)
-                planes += len(maps)
-                empty += int((maps.reshape(len(maps), -1).max(1) <= 0).sum())
-                progress.advance(task)
-            runtime.settle("localize")
-            planes, empty, hits, misses = runtime.all_sum(np.array([planes, empty, cache.hits, cache.misses]))
-            peak = max(runtime.gather([cache.peak]))  # each rank's cache has its own budget
-            if main and planes and empty / planes > 0.5:  # issue #17 of the official repo: "maps all black"
-                progress.console.print(
-                    f"[yellow]warning:[/] {empty} of {planes} maps are empty: the classifier gives no "
-                    "positive evidence for the image's own classes; train classify longer")
+                record = {"planes": len(maps), "empty": int((maps.reshape(len(maps), -1).max(1) <= 0).sum())}
+                if voc.mask_path(root, item.sample.id).is_file():  # scored as stored: float16
+                    record |= quality.maps_record(maps.astype(np.float16), item.sample.labels, voc.load_mask(root, item.sample.id),
+                                                  voc.load_parts(root, item.sample.id), thresholds, len(names) + 1)
+                yield item, record
 
-        result = {"maps/images": float(len(items)), "maps/computed": float(len(todo))}
+        records = job.map("localize", items, process, key=lambda item: item.sample.id, weight=_work,
+                          chunk=lc.batch_size)
+        planes, empty = records.total("planes"), records.total("empty")
+        if planes and empty / planes > 0.5:  # issue #17 of the official repo: "maps all black"
+            job.warn(f"warning: {empty} of {planes} maps are empty: the classifier gives no positive "
+                 "evidence for the image's own classes; train classify longer")
+        cached = job.combine({"hits": cache.hits, "misses": cache.misses})
+        peak = job.combine({"peak": cache.peak}, how="max")["peak"]  # each process has its own budget
+        result = {"maps/images": float(len(items)), "maps/computed": float(records.computed)}
         if planes:
-            result["maps/empty_frac"] = empty / planes  # of the maps computed by this start
-        if hits + misses:
-            result["maps/cache_hit_rate"] = hits / (hits + misses)
+            result["maps/empty_frac"] = empty / planes
+        if cached["hits"] + cached["misses"]:
+            result["maps/cache_hit_rate"] = cached["hits"] / (cached["hits"] + cached["misses"])
             result["maps/cache_peak_mb"] = peak / 2**20  # never above localize.cache_mb
-        thresholds = cfg.evaluate.bg_sweep  # the same sweep as `mcis evaluate` on maps
-        quality = maps_quality(samples, maps_dir, cfg.data.root, names, thresholds)
-        if quality is not None:
-            best = quality["curve"][quality["best"]]
-            result.update(metrics.mlflow_metrics(best, prefix="maps/"))
-            result["maps/best_threshold"] = quality["threshold"]
-            result.update({f"maps/{key}": value for key, value in quality["hot"].items()})
-        if tracker:
-            _report(tracker, cfg, items, maps_dir, previews_dir, result, quality)
-    headline = {k: result[k] for k in ("maps/miou", "maps/best_threshold", "maps/hot_on_part", "maps/hot_on_body",
-                                       "maps/hot_off_object", "maps/part_recall", "maps/body_recall")
-                if k in result}
-    return StageResult(run_id, headline or result, {artifacts.MAPS: str(maps_dir)})
+        sweep = records.total("sweep", None)
+        scored = None if sweep is None else quality.maps_scores(
+            sweep, records.total("hot", None), ["background", *names], thresholds)
+        if scored is not None:
+            result.update(metrics.mlflow_metrics(scored["curve"][scored["best"]], prefix="maps/"))
+            result["maps/best_threshold"] = scored["threshold"]
+            result.update({f"maps/{key}": value for key, value in scored["hot"].items()})
+        job.report(lambda log: _report(log, cfg, items, maps_dir, previews_dir, result, scored))
+    return job.result({k: result[k] for k in HEADLINE if k in result} or result, {artifacts.MAPS: str(maps_dir)})
 
 
-def _report(tracker: tracking.Tracker, cfg: Config, items: Sequence[Item], maps_dir: Path,
-            previews_dir: Path, result: dict[str, float], quality: dict | None) -> None:
-    """Rank 0's logging: the sweep, the metrics, every rank's maps and the overlays."""
-    if quality is not None:
-        for step, (t, s) in enumerate(zip(cfg.evaluate.bg_sweep, quality["curve"], strict=True)):
-            tracker.log_metrics({"maps/sweep_miou": s["miou"], "maps/sweep_threshold": t}, step=step)
-    tracker.log_metrics(result)
-    tracker.log_artifacts(maps_dir, artifacts.MAPS)
+def _report(log: tracking.Tracker, cfg: Config, items: Sequence[Item], maps_dir: Path,
+            previews_dir: Path, result: dict[str, float], scored: dict | None) -> None:
+    """The sweep, the metrics, the maps and their overlays."""
+    if scored is not None:
+        for step, (t, s) in enumerate(zip(cfg.quality.bg_sweep, scored["curve"], strict=True)):
+            log.log_metrics({"maps/sweep_miou": s["miou"], "maps/sweep_threshold": t}, step=step)
+    log.log_metrics(result)
+    log.log_artifacts(maps_dir, artifacts.MAPS)
     if cfg.localize.previews:
-        tracker.log_artifacts(previews_dir, artifacts.MAP_PREVIEWS)
+        log.log_artifacts(previews_dir, artifacts.MAP_PREVIEWS)
     rows = []
     for item in items[:OVERLAYS]:
         image = transforms.load_image(item.sample.image)
@@ -446,4 +379,4 @@ def _report(tracker: tracking.Tracker, cfg: Config, items: Sequence[Item], maps_
         heat = maps.astype(np.float32).max(0) if len(maps) else np.zeros(image.shape[:2], np.float32)
         rows.append([image, reporting.heat_overlay(image, heat)])
     if rows:
-        tracker.log_image(reporting.overlay_grid(rows), "maps_overlays")
+        log.log_image(reporting.overlay_grid(rows), "maps_overlays")

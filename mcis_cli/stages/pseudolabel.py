@@ -1,4 +1,4 @@
-"""`mcis pseudolabel`: pseudo masks from the localization maps and a background cue (§3).
+"""`mcis pseudolabel`: pseudo masks from the localization maps and a background cue (docs/method.md §3).
 
 Background "saliency" is the official gen_gt.py: the background score is 1 - saliency, the class
 scores are the min-max normalised maps, and uncertain pixels become 255 (ignored by the segmentation
@@ -12,21 +12,18 @@ report (`pseudo/*`, `saliency/*` metrics); the masks written never depend on the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mcis_cli import artifacts, metrics, reporting, runtime, saliency, tracking
+from mcis_cli import artifacts, engine, metrics, quality, reporting, saliency, tracking
 from mcis_cli.artifacts import load_maps, map_file, mask_file
 from mcis_cli.config import Config, PseudolabelCfg
 from mcis_cli.data import transforms, voc
 from mcis_cli.data.transforms import IGNORE
 from mcis_cli.errors import McisError
-from mcis_cli.progress import work_progress
 from mcis_cli.stages import StageResult
 
 OVERLAYS = 8
@@ -129,21 +126,10 @@ def load_saliency(cfg: Config, sample: voc.Sample, image: np.ndarray) -> np.ndar
     return saliency.fill(sal, p.fill_radius) if p.fill_radius else sal
 
 
-@dataclass
-class Outcome:
-    """What one image contributes to the report."""
-
-    ignored: int  # pixels of the written mask marked 255
-    sweep_ignored: np.ndarray  # (T,) the same per sweep threshold
-    pixels: int
-    cm: np.ndarray | None = None  # (C, C) of the written mask, when a ground truth exists
-    sweep: np.ndarray | None = None  # (T, C, C)
-    fmeasure: float | None = None
-    mae: float | None = None
-    overlap: tuple[int, int] = (0, 0)  # saliency foreground vs object pixels: intersection, union
-
-
-def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num_classes: int) -> Outcome:
+def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num_classes: int) -> dict:
+    """Write one image's mask; its record: the ignored pixels (of the mask and of each sweep
+    point) and, where a ground truth exists, the quality report's confusion matrices and the
+    saliency's scores."""
     p = cfg.pseudolabel
     path = map_file(maps_dir, sample.id)
     if not path.is_file():
@@ -155,111 +141,96 @@ def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num
     labels = make_labels(maps, classes, sal, p)
     transforms.save_palette_png(mask_file(out_dir, sample.id), labels)
     sweep = [make_labels(maps, classes, sal, p, t) for t in p.sweep]
-    outcome = Outcome(int((labels == IGNORE).sum()),
-                      np.array([(s == IGNORE).sum() for s in sweep], np.int64), labels.size)
-    if voc.mask_path(cfg.data.root, sample.id).is_file():
-        gt = voc.load_mask(cfg.data.root, sample.id)
-        if gt.shape != labels.shape:
-            raise McisError(f"mask of {sample.id} is {gt.shape} but its image is {labels.shape}")
-        outcome.cm, *swept = [metrics.confusion_matrix(pred, gt, num_classes, ignore_pred=True)
-                              for pred in [labels, *sweep]]
-        outcome.sweep = np.stack(swept) if swept else None
-        if sal is not None:
-            valid = gt != IGNORE
-            fg = (gt > 0) & valid
-            outcome.fmeasure = saliency.fmeasure(sal, fg, valid=valid)
-            outcome.mae = saliency.mae(sal[valid], fg[valid])
-            salient = (sal > 0.5) & valid
-            outcome.overlap = (int((salient & fg).sum()), int((salient | fg).sum()))
-    return outcome
+    record = {"ignored": int((labels == IGNORE).sum()), "pixels": labels.size,
+              "sweep_ignored": np.array([(s == IGNORE).sum() for s in sweep], np.int64)}
+    if not voc.mask_path(cfg.data.root, sample.id).is_file():
+        return record
+    gt = voc.load_mask(cfg.data.root, sample.id)
+    if gt.shape != labels.shape:
+        raise McisError(f"mask of {sample.id} is {gt.shape} but its image is {labels.shape}")
+    cm, *swept = [metrics.confusion_matrix(pred, gt, num_classes, ignore_pred=True) for pred in [labels, *sweep]]
+    record["cm"] = cm
+    if swept:
+        record["sweep"] = np.stack(swept)
+    if sal is not None:
+        valid = gt != IGNORE
+        fg = (gt > 0) & valid
+        salient = (sal > 0.5) & valid
+        record |= {"fmeasure": saliency.fmeasure(sal, fg, valid=valid), "mae": saliency.mae(sal[valid], fg[valid]),
+                   "overlap": np.array([(salient & fg).sum(), (salient | fg).sum()], np.int64)}
+    return record
 
 
-def run(cfg: Config, from_run: str | None = None, parent: tracking.Nest | None = None) -> StageResult:
-    """Under torchrun each rank writes the masks of its share of the images; the counts are
-    summed and the per-image saliency scores gathered in image order, so rank 0 logs the
-    numbers of a single process."""
+def _check(cfg: Config) -> None:
     p = cfg.pseudolabel
     if p.background == "saliency" and p.saliency == "folder" and not cfg.data.saliency_dir:
         raise McisError("pseudolabel.saliency=folder needs data.saliency_dir (a folder of <id>.png "
                         "saliency maps); set it, or use --set pseudolabel.saliency=computed")
-    runtime.init_distributed(cfg.device)
-    source = tracking.resolve_run(cfg, "localize", from_run)
-    maps_dir = runtime.rank_zero_first(lambda: source.fetch(artifacts.MAPS))
+
+
+STAGE = engine.Stage("pseudolabel", reads=("localize",), sections=("pseudolabel",))
+HEADLINE = ("pseudo/miou", "pseudo/precision", "pseudo/recall", "pseudo/ignore_frac", "saliency/fmeasure",
+            "saliency/fg_iou")
+
+
+@STAGE
+def run(cfg: Config, from_run: str | None = None, resume: str | None = None,
+        parent: tracking.Nest | None = None) -> StageResult:
+    """A mask for every training image, images in parallel threads (the rules are numpy)."""
+    _check(cfg)
+    p = cfg.pseudolabel
+    job = engine.start(STAGE, cfg, from_run=from_run, resume=resume, parent=parent)
+    maps_dir = job.fetch(artifacts.MAPS)
     samples = voc.train_samples(cfg.data)
     names = ["background", *voc.class_names(cfg.data.root)]
 
-    with runtime.open_run(cfg, "pseudolabel", source=source, parent=parent) as (tracker, run_id):
-        out_dir = tracking.workdir(cfg, run_id) / artifacts.PSEUDO
-        total_cm = np.zeros((len(names), len(names)), np.int64)
-        sweep_cm = np.zeros((len(p.sweep), len(names), len(names)), np.int64)
-        ignored, sweep_ignored, pixels = 0, np.zeros(len(p.sweep), np.int64), 0
-        sal_scores: list[tuple[int, float, float, int, int]] = []
-        any_gt = 0
-        mine = runtime.shard(list(enumerate(samples)), [1 + len(s.labels) for s in samples])
-        workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        with work_progress() as progress, ThreadPoolExecutor(workers) as pool:
-            progress.disable = tracker is None
-            task = progress.add_task("pseudolabel", total=len(mine))
-            jobs = pool.map(lambda job: (job[0], _process(cfg, job[1], maps_dir, out_dir, len(names))), mine)
-            for index, outcome in jobs:
-                ignored += outcome.ignored
-                sweep_ignored += outcome.sweep_ignored
-                pixels += outcome.pixels
-                if outcome.cm is not None:
-                    any_gt = 1
-                    total_cm += outcome.cm
-                    if outcome.sweep is not None:
-                        sweep_cm += outcome.sweep
-                if outcome.fmeasure is not None:
-                    sal_scores.append((index, outcome.fmeasure, outcome.mae, *outcome.overlap))
-                progress.advance(task)
-        runtime.settle("pseudolabel")
-        ignored, pixels, any_gt = runtime.all_sum(np.array([ignored, pixels, any_gt]))
-        sweep_ignored, total_cm, sweep_cm = map(runtime.all_sum, (sweep_ignored, total_cm, sweep_cm))
-        sal_scores = sorted(runtime.gather(sal_scores))  # image order: the means of one process
+    with job.open():
+        out_dir = job.folder / artifacts.PSEUDO
 
-        result = {"pseudo/images": float(len(samples)), "pseudo/ignore_frac": ignored / max(pixels, 1)}
-        if any_gt:
-            scores = metrics.scores(total_cm, names)
+        def process(todo: list[voc.Sample]):
+            with ThreadPoolExecutor(job.cpus) as pool:
+                yield from zip(todo, pool.map(lambda s: _process(cfg, s, maps_dir, out_dir, len(names)), todo),
+                               strict=True)
+
+        records = job.map("pseudolabel", samples, process, key=lambda s: s.id, weight=lambda s: 1 + len(s.labels))
+        pixels = int(records.total("pixels"))
+        result = {"pseudo/images": float(len(samples)),
+                  "pseudo/ignore_frac": int(records.total("ignored")) / max(pixels, 1)}
+        cm = records.total("cm", None)
+        if cm is not None:
+            scores, means = quality.mask_scores(cm, names)
             result.update(metrics.mlflow_metrics(scores, prefix="pseudo/"))
-            for name in ("precision", "recall"):  # class means; NaN (class never seen) left out
-                values = [v for v in scores[name].values() if not np.isnan(v)]
-                if values:
-                    result[f"pseudo/{name}"] = float(np.mean(values))
-        if sal_scores:
-            _, fmeasure, mae, inter, union = np.array(sal_scores, np.float64).T
-            result["saliency/fmeasure"] = float(fmeasure.mean())
-            result["saliency/mae"] = float(mae.mean())
-            result["saliency/fg_iou"] = float(inter.sum() / max(union.sum(), 1))  # as the masks use it
-        ignore_curve = (sweep_ignored / max(pixels, 1)).tolist()
-        miou_curve = [metrics.scores(cm, names)["miou"] for cm in sweep_cm] if any_gt else [np.nan] * len(p.sweep)
-        if tracker:
-            _report(tracker, cfg, samples, out_dir, names, total_cm if any_gt else None, result,
-                    ignore_curve, miou_curve)
-    headline = {k: result[k] for k in ("pseudo/miou", "pseudo/precision", "pseudo/recall", "pseudo/ignore_frac",
-                                       "saliency/fmeasure", "saliency/fg_iou") if k in result}
-    return StageResult(run_id, headline, {artifacts.PSEUDO: str(out_dir)})
+            result.update({f"pseudo/{k}": v for k, v in means.items()})
+        overlaps = records.values("overlap")
+        if overlaps:
+            result.update(quality.saliency_scores(records.values("fmeasure"), records.values("mae"),
+                                                  np.sum(overlaps, axis=0)))
+        ignore_curve = (records.total("sweep_ignored", np.zeros(len(p.sweep), np.int64)) / max(pixels, 1)).tolist()
+        swept = records.total("sweep", None)
+        miou_curve = [np.nan] * len(p.sweep) if swept is None else [metrics.scores(c, names)["miou"] for c in swept]
+        job.report(lambda log: _report(log, cfg, samples, out_dir, names, cm, result, ignore_curve, miou_curve))
+    return job.result({k: result[k] for k in HEADLINE if k in result}, {artifacts.PSEUDO: str(out_dir)})
 
 
-def _report(tracker: tracking.Tracker, cfg: Config, samples: Sequence[voc.Sample], out_dir: Path,
+def _report(log: tracking.Tracker, cfg: Config, samples: Sequence[voc.Sample], out_dir: Path,
             names: Sequence[str], cm: np.ndarray | None, result: dict[str, float],
             ignore_curve: list[float], miou_curve: list[float]) -> None:
-    """Rank 0's logging: the confusion matrix, the sweep, the metrics, every rank's masks."""
+    """The confusion matrix, the sweep, the metrics, the masks and their overlays."""
     p = cfg.pseudolabel
     if cm is not None:
-        tracker.log_text(reporting.confusion_csv(cm, names), "pseudo_confusion.csv")
+        log.log_text(reporting.confusion_csv(cm, names), "pseudo_confusion.csv")
     if p.sweep:
         for step, (t, m, ig) in enumerate(zip(p.sweep, miou_curve, ignore_curve, strict=True)):
             point = {"sweep/threshold": t, "sweep/ignore_frac": ig}
             if not np.isnan(m):  # NaN: no ground truth, or every pixel ignored
                 point["sweep/miou"] = m
-            tracker.log_metrics(point, step=step)
+            log.log_metrics(point, step=step)
         curves = {"mIoU (ignored pixels excluded)": miou_curve, "ignored share": ignore_curve}
         xlabel = "cam_threshold" if p.background == "cam" else "fg_thr"
-        tracker.log_figure(reporting.sweep_figure(p.sweep, curves, xlabel), "pseudo_sweep.png")
-    tracker.log_metrics(result)
-    tracker.log_artifacts(out_dir, artifacts.PSEUDO)
-    tracker.log_image(_overlays(cfg, samples[:OVERLAYS], out_dir), "pseudo_overlays")
+        log.log_figure(reporting.sweep_figure(p.sweep, curves, xlabel), "pseudo_sweep.png")
+    log.log_metrics(result)
+    log.log_artifacts(out_dir, artifacts.PSEUDO)
+    log.log_image(_overlays(cfg, samples[:OVERLAYS], out_dir), "pseudo_overlays")
 
 
 def _overlays(cfg: Config, samples: Sequence[voc.Sample], out_dir: Path) -> np.ndarray:

@@ -1,6 +1,6 @@
 """`mcis segment`: train DeepLab-LargeFOV on the pseudo masks (or on ground truth, the ceiling).
 
-DeepLab's recipe [supp]: batches of random scale/crop/mirror crops, SGD with the poly rate set
+DeepLab's recipe (docs/method.md §4): batches of random scale/crop/mirror crops, SGD with the poly rate set
 every iteration, cross-entropy over the valid pixels of full-resolution logits (each image's
 mean, averaged, as Caffe's iter_size does; or pooled: segment.loss_norm). A DataLoader
 prepares the next batches while the model trains; each crop's randomness comes from
@@ -21,20 +21,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mcis_cli import artifacts, metrics, runtime, tracking, training
+from mcis_cli import artifacts, engine, metrics, tracking, training
+from mcis_cli.checkpoints import load_checkpoint
 from mcis_cli.config import Config, SegmentCfg
 from mcis_cli.data import transforms, voc
+from mcis_cli.devices import derived_seed
 from mcis_cli.errors import McisError
 from mcis_cli.models.backbone import hub_checkpoint, imagenet_path
 from mcis_cli.models.deeplab import build_segmenter, param_groups
-from mcis_cli.progress import console
 from mcis_cli.stages import StageResult
 
-STAGE = "segment"
+NAME = "segment"
 LABELS = ("pseudo", "gt")
 RESNET101_WEIGHTS = "resnet101-63fe2227.pth"  # torchvision's ImageNet ResNet-101 (V1)
 IGNORE = transforms.IGNORE
-CACHE_MB = 1024  # decoded training pairs kept per rank, shared out among its loader workers
+CACHE_MB = 1024  # decoded training pairs kept per process, shared out among its loader workers
                  # (VOC's train_aug would take ~8 GB: a cache of small trees, like the toy one)
 
 
@@ -83,7 +84,7 @@ class CropDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, epoch = key
         image, mask = self.decoded(index)
-        rng = random.Random(runtime.derived_seed(self.seed, epoch, index))
+        rng = random.Random(derived_seed(self.seed, epoch, index))
         image, mask = transforms.random_scale_crop_flip(
             image, mask, self.crop, self.scales, self.mirror, rng, self.pick
         )
@@ -98,20 +99,21 @@ def prepare(images: torch.Tensor, masks: torch.Tensor, device: torch.device) -> 
 
 
 class EpochSampler(Sampler):
-    """Endless (index, epoch) keys: a permutation per epoch drawn from (seed, epoch), sharded
-    over ranks (padded so every rank gets as many), starting `start` keys into the stream."""
+    """Endless (index, epoch) keys: a permutation per epoch drawn from (seed, epoch), split into
+    `parts` (padded so every part gets as many) of which this is `part`, starting `start` keys
+    into the stream."""
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
-        self.n, self.seed, self.rank, self.world, self.start = n, seed, rank, world, start
+    def __init__(self, n: int, seed: int, part: int = 0, parts: int = 1, start: int = 0):
+        self.n, self.seed, self.part, self.parts, self.start = n, seed, part, parts, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        per_rank = math.ceil(self.n / self.world)
-        epoch, offset = divmod(self.start, per_rank)
+        per_part = math.ceil(self.n / self.parts)
+        epoch, offset = divmod(self.start, per_part)
         while True:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(runtime.derived_seed(self.seed, epoch)))
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch)))
             order = order.tolist()
-            order += order[: per_rank * self.world - self.n]
-            for index in order[self.rank :: self.world][offset:]:
+            order += order[: per_part * self.parts - self.n]
+            for index in order[self.part :: self.parts][offset:]:
                 yield index, epoch
             epoch, offset = epoch + 1, 0
 
@@ -125,13 +127,14 @@ def _next_batch(batches: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
         raise McisError(last.removeprefix(f"{McisError.__module__}.McisError: ")) from None
 
 
-def _training_items(cfg: Config, labels: str, source) -> tuple[list[tuple[Path, Path]], int]:
+def _training_items(job: engine.Job, labels: str) -> tuple[list[tuple[Path, Path]], int]:
     """(image, mask) pairs of the training list that have a mask, and how many had none."""
+    cfg = job.cfg
     samples = voc.train_samples(cfg.data)
     if labels == "pseudo":
-        folder = runtime.rank_zero_first(lambda: source.fetch(artifacts.PSEUDO))
+        folder = job.fetch(artifacts.PSEUDO)
         items = [(s.image, artifacts.mask_file(folder, s.id)) for s in samples]
-        where = f"pseudolabel run {source.run_id}"
+        where = f"pseudolabel run {job.source.run_id}"
     else:
         items = [(s.image, voc.mask_path(cfg.data.root, s.id)) for s in samples]
         where = str(Path(cfg.data.root) / voc.MASKS)
@@ -182,7 +185,7 @@ def _load_imagenet(model: nn.Module, seg: SegmentCfg) -> None:
             f"{path.parent}, or set segment.pretrained=false"
         )
     try:
-        model.load_imagenet(runtime.load_checkpoint(path))
+        model.load_imagenet(load_checkpoint(path))
     except (KeyError, ValueError, RuntimeError) as exc:
         raise McisError(f"{path} is not torchvision's {name} ({exc})") from None
 
@@ -198,7 +201,7 @@ def _load_weights(model: nn.Module, seg: SegmentCfg) -> None:
     if not path.is_file():
         raise McisError(f"segment.weights file not found: {path} (a local .pth state dict in the "
                         f"segmenter's own keys; nothing is downloaded), or set segment.weights=null")
-    state = runtime.load_checkpoint(path)
+    state = load_checkpoint(path)
     state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -245,32 +248,31 @@ def build_trainer(seg: SegmentCfg, num_classes: int, device: torch.device,
         param_groups(model, seg.weight_decay, seg.lr_mult_bias, seg.lr_mult_classifier),
         lr=seg.lr, momentum=seg.momentum,
     )
-    trainer = training.Trainer(STAGE, model, optimizer, device, seg.amp, seg.log_every)
+    trainer = training.Trainer(NAME, model, optimizer, device, seg.amp, seg.log_every)
     return trainer, trainer.parallel(model)
 
 
-def _batches(cfg: Config, items: list[tuple[Path, Path]], num_classes: int, start: int,
-             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's batches from iteration `start` on; workers prepare the next ones meanwhile."""
-    rank, size = runtime.world()
-    per_rank = cfg.segment.batch_size // size
+def _batches(cfg: Config, trainer: training.Trainer, items: list[tuple[Path, Path]], num_classes: int,
+             start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's part of each batch from iteration `start` on; workers prepare the next ones."""
+    part, parts = trainer.share
+    local = cfg.segment.batch_size // parts
     return iter(DataLoader(
         CropDataset(items, num_classes, cfg.segment, cfg.seed, cache_mb=CACHE_MB // max(1, cfg.data.workers)),
-        batch_size=per_rank,
-        sampler=EpochSampler(len(items), cfg.seed, rank, size, start=start * per_rank),
-        **training.loader_options(cfg, device),
+        batch_size=local,
+        sampler=EpochSampler(len(items), cfg.seed, part, parts, start=start * local),
+        **training.loader_options(cfg, trainer.device),
         persistent_workers=cfg.data.workers > 0,
         prefetch_factor=4 if cfg.data.workers else None,
         generator=torch.Generator(),  # keeps the global RNG (dropout) untouched
     ))
 
 
-def train_loop(cfg: Config, trainer: training.Trainer, net: nn.Module, batches: Iterator,
-               val: list[voc.Sample], class_names: list[str], tracker: tracking.Tracker | None, out: Path,
-               start: int) -> dict[str, float]:
-    """Iterations `start`.. at the poly rate, validating (rank 0) every val_every and saving the
-    resume state every checkpoint_every; returns the last loss and the mean throughput."""
-    seg = cfg.segment
+def train_loop(job: engine.Job, trainer: training.Trainer, net: nn.Module, batches: Iterator,
+               val: list[voc.Sample], class_names: list[str], start: int) -> dict[str, float]:
+    """Iterations `start`.. at the poly rate, validating every val_every and saving the resume
+    state every checkpoint_every; returns the last loss and the mean throughput."""
+    cfg, seg = job.cfg, job.cfg.segment
     value, busy, timed = float("nan"), 0.0, 0
     with trainer.progress(seg.iters, start, poly_lr(seg.lr, start, seg.iters, seg.poly_power)):
         tick = time.perf_counter()
@@ -283,26 +285,26 @@ def train_loop(cfg: Config, trainer: training.Trainer, net: nn.Module, batches: 
             if it > start:  # the first step warms up allocators and workers
                 busy, timed = busy + now - tick, timed + 1
             throughput = seg.batch_size / (now - tick)
-            trainer.log_step(tracker, it, lr, value, {"loss": value, "throughput": throughput})
+            trainer.log_step(job.log, it, lr, value, {"loss": value, "throughput": throughput})
             done = it + 1
             if val and done % seg.val_every == 0 and done < seg.iters:
-                if trainer.main:
-                    scores = validate(trainer.model, val, cfg.data.root, class_names, trainer.device)
-                    tracker.log_metrics(scores, step=done)
-                runtime.barrier()
+                job.report(lambda log, step=done: _validate(log, trainer, val, cfg, class_names, step))
             if done % seg.checkpoint_every == 0 and done < seg.iters:
-                trainer.save(out / artifacts.LAST, tracker, iteration=done)
+                trainer.save(job.folder / artifacts.LAST, job.log, iteration=done)
             tick = time.perf_counter()  # validation and checkpoints are not step time
     return {"loss": value, **({"throughput": seg.batch_size * timed / busy} if timed else {})}
 
 
 # ---- the stage ----------------------------------------------------------------------------
-def _memory(cfg: Config) -> tuple[str, str, str]:
+def _memory(cfg: Config) -> tuple[str, str]:
     seg = cfg.segment
-    return STAGE, f"batch {seg.batch_size} of {seg.crop} px crops, width {seg.width}", "segment.batch_size or segment.crop"
+    return f"batch {seg.batch_size} of {seg.crop} px crops, width {seg.width}", "segment.batch_size or segment.crop"
 
 
-@runtime.memory_guarded(_memory)
+STAGE = engine.Stage(NAME, reads=("pseudolabel",), sections=(NAME,), memory=_memory)
+
+
+@STAGE
 def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume: str | None = None,
         parent: tracking.Nest | None = None) -> StageResult:
     """Train the segmenter; `labels="gt"` trains on ground-truth masks, the supervised ceiling.
@@ -312,44 +314,42 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
     if labels not in LABELS:
         raise McisError(f"labels must be 'pseudo' or 'gt', got {labels!r}")
     seg = cfg.segment
-    prior, device = training.start(cfg, STAGE, seg.batch_size, resume)
-    if prior:
-        labels = prior.tags.get(tracking.LABELS_TAG, labels)
-        from_run = prior.tags.get(tracking.SOURCE_TAG) or None
-    source = tracking.resolve_run(cfg, "pseudolabel", from_run) if labels == "pseudo" else None
+    training.check_split(NAME, seg.batch_size)
+    if resume:
+        labels = tracking.get_run(cfg, resume, NAME).tags.get(tracking.LABELS_TAG, labels)
+    job = engine.start(STAGE, cfg, from_run=from_run, resume=resume, parent=parent,
+                       reads=None if labels == "pseudo" else (), extra={"labels": labels})
     class_names = ["background", *voc.class_names(cfg.data.root)]
-    items, skipped = _training_items(cfg, labels, source)
+    items, skipped = _training_items(job, labels)
     val = _val_samples(cfg) if seg.val_every else []
-    trainer, net = build_trainer(seg, len(class_names), device, imagenet=seg.pretrained and not resume)
+    trainer, net = build_trainer(seg, len(class_names), job.device, imagenet=seg.pretrained)
 
     role = tracking.CEILING if labels == "gt" else None
-    with runtime.open_run(cfg, STAGE, source=source, role=role, resume=resume,
-                           parent=parent) as (tracker, run_id):
-        out = Path(cfg.output_dir) / run_id
-        rank = runtime.world()[0]
+    with job.open(tags={tracking.LABELS_TAG: labels}, role=role):
+        def fresh_streams(state: dict) -> None:  # saved by another number of processes: streams anew
+            trainer.seed_streams(cfg.seed, state["iteration"])
 
-        def fresh_streams(state: dict) -> None:  # saved by another number of ranks: per-rank streams anew
-            torch.manual_seed(runtime.derived_seed(cfg.seed, rank, state["iteration"]))
-
-        state = trainer.resume(cfg, prior, fresh_streams) if prior else None
+        state = trainer.resume(job.resume_file(artifacts.LAST), fresh_streams)
         if not state:  # a new run, or one killed before its first checkpoint: from the start
-            torch.manual_seed(runtime.derived_seed(cfg.seed, rank))  # per-rank dropout streams
-            if prior and seg.pretrained:
-                _load_weights(trainer.model, seg)
-            if trainer.main:
-                tracker.set_tags({tracking.LABELS_TAG: labels})
-                tracker.log_metrics({"train_images": len(items), "skipped_images": skipped})
-        if skipped and trainer.main:
-            console.print(f"segment: {skipped} training images have no {labels} mask and are skipped")
+            trainer.seed_streams(cfg.seed)  # each process's own dropout stream
+            job.report(lambda log: log.log_metrics({"train_images": len(items), "skipped_images": skipped}))
+        if skipped:
+            job.warn(f"segment: {skipped} training images have no {labels} mask and are skipped")
         start = state["iteration"] if state else 0
-        batches = _batches(cfg, items, len(class_names), start, device)
-        result = train_loop(cfg, trainer, net, batches, val, class_names, tracker, out, start)
+        batches = _batches(cfg, trainer, items, len(class_names), start)
+        result = train_loop(job, trainer, net, batches, val, class_names, start)
         del batches  # its workers stop before the final validation
-        if trainer.main and val:
-            scores = validate(trainer.model, val, cfg.data.root, class_names, device)
-            tracker.log_metrics(scores, step=seg.iters)
-            result["val/miou"] = scores["val/miou"]
-        trainer.write(out / artifacts.MODEL, artifacts.segmenter_file(
-            trainer.model, seg, class_names, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD), tracker)
-        runtime.barrier()
-    return StageResult(run_id, result, {"model": str(out / artifacts.MODEL)})
+        if val:
+            scores = job.report(lambda log: _validate(log, trainer, val, cfg, class_names, seg.iters))
+            if scores:
+                result["val/miou"] = scores["val/miou"]
+        trainer.write(job.folder / artifacts.MODEL, artifacts.segmenter_file(
+            trainer.model, seg, class_names, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD), job.log)
+    return job.result(result, {"model": str(job.folder / artifacts.MODEL)})
+
+
+def _validate(log: tracking.Tracker, trainer: training.Trainer, val: list[voc.Sample], cfg: Config,
+              class_names: list[str], step: int) -> dict[str, float]:
+    scores = validate(trainer.model, val, cfg.data.root, class_names, trainer.device)
+    log.log_metrics(scores, step=step)
+    return scores

@@ -1,12 +1,13 @@
 """Everything mcis says to and asks of MLflow; no module outside this package imports mlflow.
 
-A stage opens a run with `stage_run(...)`, logs through the `Tracker` it yields, and a later
-stage finds its input with `resolve_run(...)` and reads files with `SourceRun.fetch(...)`.
+The engine opens a run with `create_run(...)` or `reopen_run(...)` and logs through the
+`Tracker` they return; a later stage finds its input with `resolve_run(...)` and reads files with
+`SourceRun.fetch(...)`.
 
 - `store`: where the store is and whether it answers (`tracking_uri`, `server_answers`,
   `client`), the tag names, and the run queries (`resolve_run`, `get_run`, `find_runs`, ...).
-- `run`: an open run: `stage_run` and the `Tracker` with its buffered metrics, the run folder's
-  lock, and closing runs whose process is gone.
+- `run`: an open run: the `Tracker` with its buffered metrics, and closing runs whose process
+  is gone.
 - `models`: the ONNX and served (pyfunc) models `mcis export` logs and registers, and
   `download_model` for a registry URI.
 - `pyfunc_model`: the served model's code, which MLflow runs when it loads the model; mcis
@@ -19,7 +20,17 @@ from mcis_cli.tracking.models import (
     log_serving_model,
     set_model_version_tag,
 )
-from mcis_cli.tracking.run import UNSENT, WAIT_ENV, Nest, Tracker, stage_run, workdir
+from mcis_cli.tracking.run import (
+    UNSENT,
+    WAIT_ENV,
+    Nest,
+    Tracker,
+    chain_role,
+    check_resumable,
+    close_dead_runs,
+    create_run,
+    reopen_run,
+)
 from mcis_cli.tracking.store import (
     ABLATION,
     BASELINE,
@@ -28,6 +39,7 @@ from mcis_cli.tracking.store import (
     KIND_TAG,
     LABELS_TAG,
     METHOD,
+    PROCESS_TAG,
     ROLE_TAG,
     SOURCE_TAG,
     STAGE_TAG,
@@ -39,6 +51,7 @@ from mcis_cli.tracking.store import (
     experiment_name,
     find_runs,
     finished_children,
+    fluent,
     get_run,
     resolve_run,
     server_answers,
@@ -49,7 +62,7 @@ __all__ = [
     "ABLATION", "BASELINE", "CEILING", "END_TAG", "KIND_TAG", "LABELS_TAG", "METHOD", "ROLE_TAG",
     "SOURCE_TAG", "STAGE_TAG", "STEP_TAG", "TRAINING_KIND", "UNSENT", "WAIT_ENV",
     "Nest", "SourceRun", "Tracker",
-    "client", "download_model", "experiment_id", "experiment_name", "find_runs", "finished_children",
+    "client", "download_model", "experiment_id", "experiment_name", "find_runs", "finished_children", "fluent", "PROCESS_TAG",
     "get_run", "log_onnx_model", "log_serving_model", "resolve_run", "server_answers",
-    "set_model_version_tag", "stage_run", "tracking_uri", "workdir",
+    "set_model_version_tag", "tracking_uri", "chain_role", "check_resumable", "close_dead_runs", "create_run", "reopen_run",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mcis_cli.errors import McisError
-from mcis_cli.tracking.store import client, require_store, tracking_uri
+from mcis_cli.tracking.store import fluent, require_store, tracking_uri
 
 # export.serving: the onnxruntime package a served model's environment installs (the pins of
 # pyproject.toml's cpu and gpu extras; the gpu one with CUDA 13 and cuDNN 9 from pip), and the
@@ -45,7 +45,7 @@ def log_onnx_model(tracker, model_proto, name: str, input_example, registered_na
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "input")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1), "logits")]),
     )
-    with mlflow.start_run(run_id=tracker.run_id):
+    with fluent(tracker.uri), mlflow.start_run(run_id=tracker.run_id):
         return mlflow.onnx.log_model(
             model_proto,
             name=name,
@@ -80,7 +80,7 @@ def log_serving_model(tracker, onnx_path: Path, name: str, example_image: bytes,
                         ColSpec(Array(DataType.double), "scores", required=False)]),
         params=ParamSchema([ParamSpec("scores", "boolean", False)]),
     )
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=tracker.run_id):
+    with tempfile.TemporaryDirectory() as tmp, fluent(tracker.uri), mlflow.start_run(run_id=tracker.run_id):
         code = Path(tmp) / "mcis_cli"
         for relative in serving_code.SERVING_CODE:
             (code / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -109,9 +109,9 @@ def download_model(uri: str) -> Path:
     import mlflow
 
     require_store(None, f"model {uri} not found in the registry")
-    client()
     try:
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        with fluent(tracking_uri()):
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # noqa: BLE001 - mlflow raises different types per store
         raise McisError(
             f"model {uri} not found in the registry at {tracking_uri()} ({type(exc).__name__}); "

@@ -1,11 +1,10 @@
-"""One stage's run while it is open: `stage_run` opens (or resumes) it, and the `Tracker` it
-yields logs to it.
+"""A run while it is open: `create_run` / `reopen_run` give the `Tracker` that logs to it.
 
 Kept apart from the store queries because this is the part with state and failure handling:
 step-wise metrics are buffered and sent with `log_batch`, so a remote server is not hit per step;
 if the server is unreachable the buffer is kept and sent on the next flush, and a run that fails
-keeps what it could not send for its resume. A run's folder is locked while it is open, and a run
-left RUNNING by a process that is gone is closed by the next one.
+keeps what it could not send for its resume. When to open, lock and close a run is the engine's
+business (`mcis_cli/engine.py`); this module only talks to the store.
 """
 
 from __future__ import annotations
@@ -15,27 +14,21 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mcis_cli.config import Config
 from mcis_cli.errors import McisError
-from mcis_cli.files import atomic_path, exclusive_file, remove_partials
+from mcis_cli.files import atomic_path
 from mcis_cli.procs import process_alive, process_identity
 from mcis_cli.progress import note
-from mcis_cli.provenance import dataset_fingerprint, git_commit
 from mcis_cli.tracking.store import (
     BASELINE,
     END_TAG,
     METHOD,
     PROCESS_TAG,
-    ROLE_TAG,
-    SOURCE_TAG,
     STAGE_TAG,
-    STEP_TAG,
     SourceRun,
     client,
     experiment_id,
@@ -51,7 +44,7 @@ DEFAULT_WAIT = 600.0
 UNSENT = "unsent-metrics.jsonl"  # in the run's folder: metrics a failed run could not send
 
 
-def close_dead_runs(mlc, experiment: str) -> list[str]:
+def _close_dead_runs(mlc, experiment: str) -> list[str]:
     """Mark KILLED every RUNNING run of `experiment` whose process (on this host) is gone.
 
     A process killed with SIGKILL, or a machine that lost power, cannot close its run; the next
@@ -265,13 +258,6 @@ class Tracker:
                        None if folder == "." else folder)
 
 
-def workdir(cfg: Config, run_id: str) -> Path:
-    """Local folder of a run: stages write here, then log it as artifacts."""
-    path = Path(cfg.output_dir) / run_id
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @dataclass(frozen=True)
 class Nest:
     """Where a pipeline puts a stage's run: under the parent run, named and tagged as its step."""
@@ -290,88 +276,45 @@ def chain_role(stage: str, cfg: Config, source: SourceRun | None) -> str:
     return METHOD
 
 
-@contextmanager
-def stage_run(
-    cfg: Config,
-    stage: str,
-    *,
-    source: SourceRun | None = None,
-    role: str | None = None,
-    resume: str | None = None,
-    parent: Nest | None = None,
-    run_name: str | None = None,
-) -> Iterator[Tracker]:
-    """Open (or with `resume`, reopen) a run of `stage`; mark it FAILED/KILLED on error.
-
-    The run is tagged with its source and its role (by default the source's chain, see
-    `chain_role`), so that the next stage's `resolve_run` follows the method, never a baseline.
-    The run records which process holds it open (PROCESS_TAG), and its local folder
-    output_dir/<run id> is locked while it is open (by output_dir/.<run id>.lock).
-    First, every run of the experiment left RUNNING by a process that is gone (kill -9) is
-    marked KILLED; `resume` refuses a run that a live process still holds.
-    Open it in one process only: under torchrun, rank 0 opens the run and the others log nothing.
-    """
+def create_run(cfg: Config, tags: dict[str, str], run_name: str) -> Tracker:
+    """A new run in the config's experiment, held by this process (PROCESS_TAG)."""
     mlc = client(cfg)
-    uri = tracking_uri(cfg)
-    with ExitStack() as stack:
-        if resume:
-            existing = lookup_run(mlc, resume, cfg)
-            if existing.data.tags.get(STAGE_TAG) != stage:
-                raise McisError(
-                    f"--resume {resume} is a {existing.data.tags.get(STAGE_TAG)!r} run, not a {stage!r} run"
-                )
-            close_dead_runs(mlc, existing.info.experiment_id)
-            _check_not_open(mlc, resume)
-            stack.enter_context(run_lock(cfg, resume, "--resume run"))
-            remove_partials(Path(cfg.output_dir) / resume)  # a kill mid-write leaves them
-            run_id = resume
-            mlc.update_run(run_id, status="RUNNING")
-            mlc.set_tag(run_id, PROCESS_TAG, process_identity())
-        else:
-            exp = experiment_id(mlc, cfg)
-            close_dead_runs(mlc, exp)
-            tags = {
-                STAGE_TAG: stage,
-                SOURCE_TAG: source.run_id if source else "",
-                ROLE_TAG: role or chain_role(stage, cfg, source),
-                PROCESS_TAG: process_identity(),
-                "mcis.dataset": cfg.data.root,
-                "mcis.dataset_fingerprint": dataset_fingerprint(cfg.data.root),
-                "mlflow.source.git.commit": git_commit(),
-                "mlflow.source.name": "mcis " + stage,
-            }
-            if parent:
-                tags |= {"mlflow.parentRunId": parent.parent, STEP_TAG: parent.step, **parent.tags}
-            run = mlc.create_run(exp, tags=tags, run_name=run_name or (parent.step if parent else stage))
-            run_id = run.info.run_id
-        tracker = Tracker(mlc, run_id, cfg.tracking.flush_every, uri)
-        unsent = Path(cfg.output_dir) / run_id / UNSENT
-        try:
-            if resume:
-                tracker.replay(unsent)
-            else:  # a fresh run's folder: only unwritable storage can make this fail
-                stack.enter_context(run_lock(cfg, run_id, "output_dir"))
-                tracker.log_params(cfg.flat())
-                tracker.log_text(cfg.to_yaml(), "config.yaml")
-            yield tracker
-        except BaseException as exc:
-            tracker.fail("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", unsent)
-            raise
-        tracker.finish()
+    run = mlc.create_run(experiment_id(mlc, cfg), tags=tags | {PROCESS_TAG: process_identity()},
+                         run_name=run_name)
+    return Tracker(mlc, run.info.run_id, cfg.tracking.flush_every, tracking_uri(cfg))
 
 
-def run_lock(cfg: Config, run_id: str, what: str):
-    """The lock of a run's local folder, held while the run is open (a file beside it)."""
-    return exclusive_file(Path(cfg.output_dir) / run_id, what)
+def check_resumable(cfg: Config, run_id: str, stage: str) -> None:
+    """Refuse to reopen a run of another stage, a finished run, or one a live process holds."""
+    existing = lookup_run(client(cfg), run_id, cfg)
+    if existing.data.tags.get(STAGE_TAG) != stage:
+        raise McisError(f"--resume {run_id} is a {existing.data.tags.get(STAGE_TAG)!r} run, not a {stage!r} run")
+    if existing.info.status == "FINISHED":
+        raise McisError(f"--resume {run_id}: that {stage} run finished; start a new run instead")
+    _check_not_open(existing)
 
 
-def _check_not_open(mlc, run_id: str) -> None:
+def reopen_run(cfg: Config, run_id: str) -> Tracker:
+    """The unfinished run `run_id`, RUNNING again and held by this process."""
+    mlc = client(cfg)
+    mlc.update_run(run_id, status="RUNNING")
+    mlc.set_tag(run_id, PROCESS_TAG, process_identity())
+    return Tracker(mlc, run_id, cfg.tracking.flush_every, tracking_uri(cfg))
+
+
+def close_dead_runs(cfg: Config) -> list[str]:
+    """Mark KILLED every run of the config's experiment left RUNNING by a process that is gone."""
+    mlc = client(cfg)
+    return _close_dead_runs(mlc, experiment_id(mlc, cfg))
+
+
+def _check_not_open(run) -> None:
     """Refuse to reopen a run that a live process on this host still has open."""
-    run = mlc.get_run(run_id)
     holder = run.data.tags.get(PROCESS_TAG, "")
     if run.info.status != "RUNNING" or not holder:
         return
     alive = process_alive(holder)
+    run_id = run.info.run_id
     if alive:
         raise McisError(f"run {run_id} is still open in process {holder.rsplit(':', 2)[1]}; wait for it "
                         "to end (or stop it) before resuming")

@@ -8,11 +8,14 @@ place, and a later stage finds its input with `resolve_run(...)` and reads files
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -74,11 +77,15 @@ def _check_login(mlc, uri: str) -> None:
 
 
 def client(cfg: Config | None = None):
-    """An MlflowClient on the configured store, after checking a remote server answers."""
-    import mlflow
+    """The MlflowClient of the configured store, made once per process and store: a tracking
+    server's health and login are checked when it is made, not at every query."""
+    return client_of(tracking_uri(cfg))
+
+
+@functools.cache
+def client_of(uri: str):
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg)
     remote = uri.startswith(("http://", "https://"))
     if remote and not server_answers(uri):
         raise McisError(
@@ -88,12 +95,22 @@ def client(cfg: Config | None = None):
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     mlc = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if remote:
         _check_login(mlc, uri)
     return mlc
+
+
+@contextmanager
+def fluent(uri: str) -> Iterator[None]:
+    """Point mlflow's module-level API (model logging and model URIs take no client) at `uri`
+    for one call; a process may use several stores (tests do), so it is set where it is used."""
+    import mlflow
+
+    client_of(uri)  # the checks a client makes
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield
 
 
 def experiment_name(cfg: Config) -> str:
@@ -144,6 +161,8 @@ class SourceRun:
     cache_root: Path
     tags: dict[str, str]
     metrics: dict[str, float]
+    status: str = "FINISHED"
+    uri: str = ""  # the tracking store it is in (default: the configured one)
 
     def fetch(self, artifact_path: str = "") -> Path:
         """Local path of an artifact: read in place from a local store, else downloaded once.
@@ -158,14 +177,10 @@ class SourceRun:
                 return local
         target = self.cache_root / self.run_id / artifact_path
         if not target.exists():
-            import mlflow
-
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent, ignore_cleanup_errors=True) as tmp:
                 try:
-                    local = mlflow.artifacts.download_artifacts(
-                        run_id=self.run_id, artifact_path=artifact_path or None, dst_path=tmp
-                    )
+                    local = client_of(self.uri or tracking_uri()).download_artifacts(self.run_id, artifact_path, tmp)
                 except Exception as exc:  # noqa: BLE001
                     raise McisError(
                         f"run {self.run_id} has no artifact {artifact_path!r} ({type(exc).__name__})"
@@ -179,10 +194,8 @@ class SourceRun:
 
     def has(self, artifact_path: str) -> bool:
         """Whether the run holds the artifact file `artifact_path` (nothing is downloaded)."""
-        from mlflow.tracking import MlflowClient
-
-        parent = str(Path(artifact_path).parent)  # the store `resolve_run` set, as `fetch` uses
-        listed = MlflowClient().list_artifacts(self.run_id, None if parent == "." else parent)
+        parent = str(Path(artifact_path).parent)
+        listed = client_of(self.uri or tracking_uri()).list_artifacts(self.run_id, None if parent == "." else parent)
         return any(item.path == artifact_path and not item.is_dir for item in listed)
 
     def local_or_fetched(self, local: Path, artifact_path: str) -> Path | None:
@@ -199,14 +212,6 @@ class SourceRun:
 
     def config(self) -> Config:
         return load_logged(self.fetch("config.yaml"))
-
-    def require_same(self, cfg: Config, section: str) -> None:
-        """A resume continues the run as it was logged: a changed `section` setting needs a new run."""
-        stored = getattr(self.config(), section).model_dump()
-        changed = [key for key, value in getattr(cfg, section).model_dump().items() if stored.get(key) != value]
-        if changed:
-            raise McisError(f"--resume {self.run_id}: {section}.{changed[0]} is {stored.get(changed[0])!r} in "
-                            f"that run; resume with the run's own config, or start a new run to change it")
 
 
 def resolve_run(cfg: Config, stages: str | tuple[str, ...], run_id: str | None = None) -> SourceRun:
@@ -271,7 +276,8 @@ def _newest_method_run(cfg: Config, stages: tuple[str, ...]) -> tuple[SourceRun,
 
 def _source(cfg: Config, run) -> SourceRun:
     return SourceRun(run.info.run_id, run.data.tags.get(STAGE_TAG, ""), run.info.artifact_uri,
-                     Path(cfg.output_dir) / "cache", dict(run.data.tags), dict(run.data.metrics))
+                     Path(cfg.output_dir) / "cache", dict(run.data.tags), dict(run.data.metrics), run.info.status,
+                     tracking_uri(cfg))
 
 
 def find_runs(cfg: Config, stage: str, finished: bool = True, **tags: str) -> list[SourceRun]:

@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mcis_cli import artifacts, runtime, tracking
+from mcis_cli import artifacts, checkpoints, engine
 from mcis_cli.config import Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.models.deeplab import DeepLabLargeFOV
@@ -92,9 +92,9 @@ def test_second_export_to_the_same_file_is_refused(tmp_path, uri, toy_root):
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         torch.manual_seed(0)
         model = DeepLabLargeFOV(3, width=0.125)
-        with tracking.stage_run(cfg, "segment") as tracker:
-            path = tracking.workdir(cfg, tracker.run_id) / artifacts.MODEL
-            runtime.save_checkpoint(path, {
+        with engine.stage_run(cfg, "segment") as tracker:
+            path = engine.workdir(cfg, tracker.run_id) / artifacts.MODEL
+            checkpoints.save_checkpoint(path, {
                 "state_dict": model.state_dict(), "arch": "vgg16", "num_classes": 3, "width": 0.125,
                 "class_names": ["background", "a", "b"], "mean": list(transforms.IMAGENET_MEAN),
                 "std": list(transforms.IMAGENET_STD)})
@@ -150,4 +150,4 @@ def test_resume_of_a_run_that_is_still_training_is_refused(tmp_path, uri, toy_ro
         assert _thaw(first) == 0, procs.tail(log)
     assert mlc.get_run(run_id).info.status == "FINISHED"
     assert sorted(m.step for m in mlc.get_metric_history(run_id, "loss/total")) == list(range(6))
-    assert runtime.load_checkpoint(tmp_path / "runs" / run_id / "checkpoints" / "last.pt")["epoch"] == 1
+    assert checkpoints.load_checkpoint(tmp_path / "runs" / run_id / "checkpoints" / "last.pt")["epoch"] == 1

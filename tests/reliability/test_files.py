@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from mcis_cli.checkpoints import load_checkpoint, save_checkpoint
 from mcis_cli.cli import app
 from mcis_cli.errors import McisError
 from mcis_cli.files import atomic_path, exclusive
-from mcis_cli.runtime import load_checkpoint, save_checkpoint
 
 
 class _RunsCode:

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 from typer.testing import CliRunner
 
-from mcis_cli import predict, tracking
+from mcis_cli import engine, predict
 from mcis_cli.cli import app
 from mcis_cli.config import Config
 from mcis_cli.data import synth, transforms, voc
@@ -286,7 +286,7 @@ def test_a_code_running_checkpoint_in_the_store_is_refused(store, toy_root, tmp_
                                                            artifact):
     marker = tmp_path / "pwned"
     cfg = Config(name=f"evil-{command}", output_dir=str(tmp_path / "runs"), data={"root": str(toy_root)})
-    with tracking.stage_run(cfg, stage) as tracker:
+    with engine.stage_run(cfg, stage) as tracker:
         path = tmp_path / Path(artifact).name
         torch.save({"state_dict": _RunsCode(marker), "arch": "vgg16"}, path)
         tracker.log_artifact(path, str(Path(artifact).parent))
@@ -299,7 +299,7 @@ def test_a_code_running_checkpoint_in_the_store_is_refused(store, toy_root, tmp_
 
 def test_pickle_protocols_and_reducers_are_all_refused(tmp_path):
     """Every pickle protocol, and a payload nested deep in an otherwise plain checkpoint."""
-    from mcis_cli.runtime import load_checkpoint
+    from mcis_cli.checkpoints import load_checkpoint
 
     marker = tmp_path / "pwned"
     for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):

@@ -3,9 +3,9 @@
 Each victim is a real `mcis` process killed with SIGKILL once it has written a number of files
 drawn from a seeded RNG (export: a random moment after its staging folder appears). Then every
 file under a final name must be complete (it decodes, and equals the same file of a complete
-run), and running the command again completes the work: localize reopens the killed run and
-computes only the missing maps; pseudolabel, evaluate and export, whose reports need every item,
-start a new run, while the killed one is marked KILLED and never chosen as an input.
+run), and running the command again completes the work in the same run: localize, pseudolabel
+and evaluate reopen the killed run and compute only the missing items (the files that survived
+are not written again), export runs again from the start.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def test_kill_localize_then_rerun_computes_only_the_missing_maps(chain):
     maps, k = _kill_after_files(chain, "localize", args, "*/maps", "*.npz", N_TRAIN)
     run_id = maps.parent.name
     have = procs.finals(maps, "*.npz")
+    done = procs.finals(maps.parent / "records" / "localize", "*.npz")  # items finished: map and record
     for path in have:  # every file under a final name is complete
         loaded, classes = load_maps(path)
         assert loaded.ndim == 3 and len(loaded) == len(classes)
@@ -111,7 +112,7 @@ def test_kill_localize_then_rerun_computes_only_the_missing_maps(chain):
     assert f"localize run {run_id} was left RUNNING" in again.output  # closed, then reopened
     run = MlflowClient(chain.uri).get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["maps/computed"] == N_TRAIN - len(have)  # only the missing ones
+    assert run.data.metrics["maps/computed"] == N_TRAIN - len(done)  # only the unfinished ones
     assert len(procs.finals(maps, "*.npz")) == N_TRAIN and not list(maps.glob(".*"))  # partials removed
     reference = chain.tmp / "runs" / chain.localize / "maps"
     for path in procs.finals(maps, "*.npz"):  # what survived and what was added: an uninterrupted run's
@@ -129,36 +130,49 @@ def _same_pngs(partial: Path, complete: Path) -> int:
     return len(names)
 
 
-def test_kill_pseudolabel_leaves_only_complete_masks(chain):
-    args = ["pseudolabel", "--config", chain.config, "--from-run", chain.localize]
-    pseudo, k = _kill_after_files(chain, "pseudolabel", args, "*/pseudo", "*.png", N_TRAIN)
-    killed = pseudo.parent.name
+# stage, input run, extra arguments, output folder, items, the metrics that must come out the same
+PER_ITEM = {
+    "pseudolabel": ("localize", [], "pseudo", N_TRAIN, "pseudo/"),
+    "evaluate": ("segment", ["--save"], "masks", N_VAL, "iou/"),
+}
+
+
+@pytest.mark.parametrize("stage", PER_ITEM)
+def test_kill_a_per_item_stage_then_rerun_completes_the_same_run(chain, stage):
+    """Run again, the killed run finishes without redoing the items it had finished; run once more
+    (a new, uninterrupted run, since a finished run is never reopened), every mask and score is equal."""
+    source, extra, outputs, total, prefix = PER_ITEM[stage]
+    args = [stage, "--config", chain.config, "--from-run", getattr(chain, source), *extra]
+    folder, k = _kill_after_files(chain, stage, args, f"*/{outputs}", "*.png", total)
+    killed = folder.parent.name
+    records = folder.parent / "records" / stage  # an item is done once its record is written
+    survived = {p: p.stat().st_mtime_ns for p in procs.finals(folder, "*.png")
+                if (records / f"{p.stem}.npz").is_file()}
     again = procs.run(args, chain.tmp, chain.env)
     assert again.returncode == 0, again.output[-3000:]
-    assert _status(chain, killed) == "KILLED"
+    assert f"run {killed} was left RUNNING" in again.output  # closed, then reopened
+    assert _status(chain, killed) == "FINISHED"
+    assert len(procs.finals(folder, "*.png")) == total and not list(folder.glob(".*"))
+    assert all(p.stat().st_mtime_ns == t for p, t in survived.items()), "a finished item was done again"
+
+    reference = procs.run(args, chain.tmp, chain.env)
+    assert reference.returncode == 0, reference.output[-3000:]
     mlc = MlflowClient(chain.uri)
-    finished = mlc.search_runs([mlc.get_experiment_by_name("kill-outputs").experiment_id],
-                               "tags.`mcis.stage` = 'pseudolabel' and attributes.status = 'FINISHED'")
-    assert [r.info.run_id for r in finished] != [] and killed not in {r.info.run_id for r in finished}
-    complete = chain.tmp / "runs" / finished[0].info.run_id / "pseudo"
-    assert len(procs.finals(complete, "*.png")) == N_TRAIN
-    survived = _same_pngs(pseudo, complete)
-    assert survived >= k
-    procs.record("pseudolabel", f"after {k} of {N_TRAIN} masks", rerun="new run", lost="nothing")
+    [newest] = mlc.search_runs([mlc.get_experiment_by_name("kill-outputs").experiment_id],
+                               f"tags.`mcis.stage` = '{stage}' and attributes.status = 'FINISHED'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    assert newest.info.run_id != killed
+    assert _same_pngs(folder, chain.tmp / "runs" / newest.info.run_id / outputs) == total
+    ours, theirs = mlc.get_run(killed).data.metrics, newest.data.metrics
+    keys = [key for key in ours if key.startswith(prefix)]
+    assert keys and all(ours[key] == theirs[key] for key in keys)
+    procs.record(stage, f"after {k} of {total} files", rerun="same run, missing items only", lost="nothing")
 
 
-def test_kill_evaluate_save_leaves_only_complete_masks(chain):
-    args = ["evaluate", "--config", chain.config, "--from-run", chain.segment, "--save"]
-    masks, k = _kill_after_files(chain, "evaluate", args, "*/masks", "*.png", N_VAL)
-    killed = masks.parent.name
-    again = procs.run(args, chain.tmp, chain.env)
-    assert again.returncode == 0, again.output[-3000:]
-    assert _status(chain, killed) == "KILLED"
-    complete = next(p for p in (chain.tmp / "runs").glob("*/masks") if p != masks)
-    assert _status(chain, complete.parent.name) == "FINISHED"
-    assert len(procs.finals(complete, "*.png")) == N_VAL
-    assert _same_pngs(masks, complete) >= k
-    procs.record("evaluate --save", f"after {k} of {N_VAL} masks", rerun="new run", lost="nothing")
+def _exports(chain) -> list:
+    mlc = MlflowClient(chain.uri)
+    return mlc.search_runs([mlc.get_experiment_by_name("kill-outputs").experiment_id],
+                           "tags.`mcis.stage` = 'export'")
 
 
 def _staging(out: Path) -> list[Path]:
@@ -191,9 +205,15 @@ def test_kill_export_never_leaves_a_torn_model(chain):
     open_session(out, "cpu")
     assert read_metadata(out)["source_run"] == chain.segment
     replaced = out.stat().st_mtime_ns != mtime
+    before = _exports(chain)
+    victims = [r.info.run_id for r in before if r.info.status == "RUNNING"]  # none: killed after its run finished
     again = procs.run(args, chain.tmp, chain.env)
     assert again.returncode == 0, again.output[-3000:]
     open_session(out, "cpu")
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # staging cleaned up
+    exports = _exports(chain)
+    assert len(exports) == len(before) + (not victims) and {r.info.status for r in exports} == {"FINISHED"}
+    assert all(f"run {run_id} was left RUNNING" in again.output for run_id in victims)  # reopened
     procs.record("export", f"{delay:.2f} s of a {window:.2f} s write window",
-                 replaced_before_kill=replaced, rerun="new run", lost="nothing")
+                 replaced_before_kill=replaced, rerun="same run, from the start" if victims else "new run",
+                 lost="nothing")

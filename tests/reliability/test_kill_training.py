@@ -1,9 +1,9 @@
-"""kill -9 during `classify` and `segment`, at a step drawn from a seeded RNG, then `--resume`.
+"""kill -9 during `classify` and `segment`, at a step drawn from a seeded RNG, then a restart.
 
 Each test runs three real `mcis` processes on one sqlite store: the victim (killed with SIGKILL
-once the store shows the chosen step), an uninterrupted reference run (whose start marks the
-victim's dead run KILLED), and `--resume` of the victim, which must finish the run with weights
-bit-identical to the reference (deterministic mode, CPU, one thread).
+once the store shows the chosen step); the restart (the same command, or `--resume RUN_ID`), which
+marks the dead run KILLED, reopens it and finishes it; and an uninterrupted reference run, whose
+weights the resumed run's must equal bit for bit (deterministic mode, CPU, one thread).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mcis_cli import tracking
-from mcis_cli.runtime import load_checkpoint
+from mcis_cli.checkpoints import load_checkpoint
 from tests.reliability import procs
 
 pytestmark = pytest.mark.slow  # real processes, two to five per test: 20-60 s each
@@ -43,8 +43,10 @@ def _logged_step(uri: str, experiment: str, metric: str, step: int) -> str | Non
 
 
 def kill_resume_compare(tmp: Path, uri: str, stage: str, config: Path, extra: list[str],
-                        metric: str, window: tuple[int, int], total: int, weights) -> dict:
-    """Kill `stage` at a random step of `window`, run the reference, resume the victim."""
+                        metric: str, window: tuple[int, int], total: int, weights, how: str) -> dict:
+    """Kill `stage` at a random step of `window`, start it again (`how`: the same command, or
+    `--resume RUN_ID`), which must continue the victim's run; then a reference run (the victim's
+    run has finished, so the same command makes a new one) must end with the same weights."""
     experiment = tmp.name
     environ = procs.env(uri)
     step = procs.kill_point(f"{stage}:{experiment}", *window)
@@ -58,18 +60,18 @@ def kill_resume_compare(tmp: Path, uri: str, stage: str, config: Path, extra: li
     mlc = MlflowClient(uri)
     assert mlc.get_run(run_id).info.status == "RUNNING"  # nobody could close it: the process is gone
 
-    reference = procs.run([stage, "--config", config, *extra], tmp, environ)
-    assert reference.returncode == 0, reference.output[-3000:]
-    killed = mlc.get_run(run_id)
-    assert killed.info.status == "KILLED", "the next start did not close the dead run"
-    assert "ended without closing the run" in killed.data.tags[tracking.END_TAG]
-    assert f"run {run_id} was left RUNNING" in reference.output
-
-    resumed = procs.run([stage, "--config", config, "--resume", run_id], tmp, environ)
+    again = [stage, "--config", config, *extra] if how == "again" else [stage, "--config", config, "--resume", run_id]
+    resumed = procs.run(again, tmp, environ)
     assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"run {run_id} was left RUNNING" in resumed.output  # closed as KILLED, then reopened
+    assert "ended without closing the run" in mlc.get_run(run_id).data.tags[tracking.END_TAG]
+    assert [r.info.run_id for r in _runs(uri, experiment)] == [run_id]  # no new run
     after = mlc.get_run(run_id)
     assert after.info.status == "FINISHED"
     assert sorted({m.step for m in mlc.get_metric_history(run_id, metric)}) == list(range(total))
+
+    reference = procs.run([stage, "--config", config, *extra], tmp, environ)
+    assert reference.returncode == 0, reference.output[-3000:]
     ref_id = next(r.info.run_id for r in _runs(uri, experiment) if r.info.run_id != run_id)
     a, b = weights(tmp / "runs" / ref_id), weights(tmp / "runs" / run_id)
     assert a.keys() == b.keys()
@@ -77,7 +79,7 @@ def kill_resume_compare(tmp: Path, uri: str, stage: str, config: Path, extra: li
     assert not different, f"killed at step {step}: resumed weights differ in {different[:3]}"
     assert not list((tmp / "runs" / run_id).rglob(".*.part*")), "temporary files left behind"
     procs.record(stage, f"after step {step} of {total} was logged", from_checkpoint=had_checkpoint,
-                 resumed=True, weights_equal=True, lost="nothing")
+                 resumed=how, weights_equal=True, lost="nothing")
     return {"step": step, "run_id": run_id}
 
 
@@ -90,10 +92,12 @@ def _config(tmp_path, toy_root, stage: str, workers: int, **options):
                               **{f"{stage}.{key}": value for key, value in options.items()}})
 
 
-# a kill before the first checkpoint (resume starts over) and one after it (resume continues)
+# a kill before the first checkpoint (resume starts over) and one after it (resume continues);
+# the first is started again by the same command, the second by --resume RUN_ID
 # (the last steps are left out: a poll that lags on two busy cores must still find the run alive)
 CLASSIFY_WINDOWS = {"first-epoch": (0, 1), "later": (3, 5)}  # checkpoints after steps 2, 5, 8
 SEGMENT_WINDOWS = {"before-checkpoint": (0, 2), "later": (5, 17)}  # checkpoints at 5, 10, 15, 20
+HOW = {"first-epoch": "again", "before-checkpoint": "again", "later": "--resume"}
 
 
 @pytest.mark.parametrize("window", CLASSIFY_WINDOWS)
@@ -104,7 +108,7 @@ def test_kill_classify_then_resume_gives_the_uninterrupted_weights(toy_root, tmp
                      checkpoint_epoch=1, contrastive_from_epoch=1, log_every=1)
     kill_resume_compare(
         tmp_path, uri, "classify", config, [], "loss/total", CLASSIFY_WINDOWS[window], 9,
-        lambda folder: load_checkpoint(folder / "checkpoints" / "last.pt")["model"])
+        lambda folder: load_checkpoint(folder / "checkpoints" / "last.pt")["model"], HOW[window])
 
 
 @pytest.mark.parametrize("window", SEGMENT_WINDOWS)
@@ -115,4 +119,4 @@ def test_kill_segment_then_resume_gives_the_uninterrupted_weights(toy_root, tmp_
                      val_every=0, checkpoint_every=5)
     kill_resume_compare(
         tmp_path, uri, "segment", config, ["--labels", "gt"], "loss", SEGMENT_WINDOWS[window], 24,
-        lambda folder: load_checkpoint(folder / "checkpoints" / "model.pt")["state_dict"])
+        lambda folder: load_checkpoint(folder / "checkpoints" / "model.pt")["state_dict"], HOW[window])

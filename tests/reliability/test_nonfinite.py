@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mcis_cli.runtime import load_checkpoint
+from mcis_cli.checkpoints import load_checkpoint
 from tests.reliability import procs
 
 

@@ -1,5 +1,5 @@
 """A full-size run that does not fit in memory stops in one line naming the stage, the size it
-ran at and the setting to lower (runtime.memory_guarded, on every stage's run); any other
+ran at and the setting to lower (the engine's `Stage`, which wraps every stage's run); any other
 RuntimeError keeps its traceback."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mcis_cli import runtime
+from mcis_cli import engine
 from mcis_cli.cli import app
 from mcis_cli.errors import McisError
 from mcis_cli.models.mcis import MCISNet
@@ -44,7 +44,7 @@ def test_classify_out_of_memory_is_one_line_with_the_size_and_the_setting(toy_ro
     (MemoryError("Unable to allocate 3.1 GiB for an array"), "host"),
 ])
 def test_every_kind_of_failed_allocation_names_its_memory(error, where):
-    @runtime.memory_guarded(lambda cfg: ("segment", "batch 10 of 321 px crops", "segment.batch_size"))
+    @engine.Stage("segment", memory=lambda cfg: ("batch 10 of 321 px crops", "segment.batch_size"))
     def run(cfg):
         raise error
 
@@ -54,7 +54,7 @@ def test_every_kind_of_failed_allocation_names_its_memory(error, where):
 
 
 def test_other_runtime_errors_are_not_taken_for_memory():
-    @runtime.memory_guarded(lambda cfg: ("export", "", ""))
+    @engine.Stage("export", memory=lambda cfg: ("", ""))
     def run(cfg):
         raise RuntimeError("shape mismatch")
 

@@ -19,8 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mcis_cli import tracking
+from mcis_cli.checkpoints import load_checkpoint
 from mcis_cli.errors import McisError
-from mcis_cli.runtime import load_checkpoint
 from tests import servers
 from tests.reliability import procs
 
