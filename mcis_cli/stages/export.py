@@ -94,9 +94,8 @@ def staged(target: Path) -> Iterator[Path]:
 def parity(model: nn.Module, session, sizes: list[list[int]], seed: int = 0, prefix: str = "parity") -> dict:
     """ONNX Runtime vs PyTorch logits on random inputs of each (N, H, W): the max abs difference,
     the same relative to the largest PyTorch logit (`max_rel_diff`, what bounds fp16) and argmax
-    agreement, under `prefix/`. No timing: a few calls at the parity sizes beside other work gave
-    ratios from 2.3 to 20.6; `python -m benchmarks onnx` measures the speed (interleaved, equal
-    threads, median)."""
+    agreement, under `prefix/`. No timing: a few calls beside other work are too noisy to compare;
+    `python -m benchmarks onnx` measures the speed (interleaved, equal threads, median)."""
     generator = torch.Generator().manual_seed(seed)
     worst = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "argmax_agree": 1.0}
     report = {"sizes": {}}
