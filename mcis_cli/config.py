@@ -245,6 +245,17 @@ class ExportCfg(Section):
     model_name: str = "mcis-deeplab"
 
 
+class SpeedCfg(Section):
+    """How training uses a GPU: each setting changes speed and memory (and the last bits of the
+    weights), never the method."""
+
+    cudnn_benchmark: bool = False  # time cuDNN's convolution algorithms per input shape; never when deterministic
+    tf32: bool = False  # TensorFloat-32 matmuls and convolutions (Ampere and newer GPUs)
+    channels_last: bool = False  # NHWC memory layout for the trained models and their batches
+    amp_dtype: Literal["fp16", "bf16"] = "fp16"  # the autocast type of classify.amp / segment.amp
+    compile: bool = False  # torch.compile the module a training step calls
+
+
 class PipelineCfg(Section):
     """`mcis pipeline`: what runs beside the method itself."""
 
@@ -257,6 +268,7 @@ class TrackingCfg(Section):
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; else sqlite:///mlflow.db
     experiment: str | None = None  # default: the config name
     flush_every: int = Field(50, ge=1)  # metric buffer size before a log_batch
+    system_metrics: float = Field(10.0, ge=0)  # seconds between system-metric samples; 0: none
 
 
 class Config(Section):
@@ -273,6 +285,7 @@ class Config(Section):
     evaluate: EvaluateCfg = Field(default_factory=EvaluateCfg)
     quality: QualityCfg = Field(default_factory=QualityCfg)
     export: ExportCfg = Field(default_factory=ExportCfg)
+    speed: SpeedCfg = Field(default_factory=SpeedCfg)
     pipeline: PipelineCfg = Field(default_factory=PipelineCfg)
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from mcis_cli.errors import McisError
+
+if TYPE_CHECKING:
+    from mcis_cli.config import SpeedCfg
 
 OOM_MARKERS = ("can't allocate memory", "out of memory")  # torch's CPU allocator; CUDA, cuDNN
 
@@ -23,6 +26,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def configure_speed(speed: SpeedCfg, deterministic: bool) -> None:
+    """This process's GPU kernel choices: cuDNN's per-shape algorithm search (its timing picks
+    differ from run to run, so never in deterministic mode) and TensorFloat-32 arithmetic."""
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark and not deterministic
+    precision = "tf32" if speed.tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def select_device(name: str) -> torch.device:

@@ -37,7 +37,7 @@ import torch
 
 from mcis_cli import distributed, tracking
 from mcis_cli.config import Config, flatten
-from mcis_cli.devices import out_of_memory, seed_everything, select_device
+from mcis_cli.devices import configure_speed, out_of_memory, seed_everything, select_device
 from mcis_cli.errors import McisError
 from mcis_cli.files import atomic_path, exclusive_file, remove_partials
 from mcis_cli.progress import note, out, work_progress
@@ -115,6 +115,7 @@ def start(stage: Stage, cfg: Config, *, from_run: str | None = None, resume: str
     options outside the config that change what the run makes (segment's labels, a split)."""
     distributed.init(cfg.device)
     seed_everything(cfg.seed, cfg.deterministic)
+    configure_speed(cfg.speed, cfg.deterministic)
     device = select_device(cfg.device)
     prior = tracking.get_run(cfg, resume, stage.name) if resume else None
     if prior:
@@ -190,6 +191,8 @@ class Job:
                 raise McisError(opened)
             self.run_id, self.resumed = opened
             self.folder = workdir(self.cfg, self.run_id)
+            node = None if self.alone else f"rank{distributed.world()[0]}"
+            stack.enter_context(tracking.system_metrics(self.cfg, self.run_id, node, self.resumed))
             yield self
 
     @contextmanager
@@ -208,7 +211,8 @@ class Job:
                 tracker = tracking.reopen_run(cfg, target)
                 self.resumed = True
             else:
-                tracker = tracking.create_run(cfg, self._tags(tags, role), run_name or (
+                fingerprint = dataset_fingerprint(cfg.data.root)
+                tracker = tracking.create_run(cfg, self._tags(tags, role, fingerprint), run_name or (
                     self.parent.step if self.parent else stage))
             unsent = Path(cfg.output_dir) / tracker.run_id / tracking.UNSENT
             try:
@@ -219,6 +223,7 @@ class Job:
                     tracker.log_params(cfg.flat() | {"world_size": distributed.world()[1]} | params)
                     tracker.log_text(cfg.to_yaml(), "config.yaml")
                     tracker.log_dict(self.settings, KEY_FILE)
+                    tracker.log_dataset(cfg.data.root, fingerprint, stage)
                 yield tracker
             except BaseException as exc:
                 tracker.fail("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", unsent)
@@ -238,7 +243,7 @@ class Job:
              "input and settings")
         return found.run_id
 
-    def _tags(self, extra: dict[str, str], role: str | None) -> dict[str, str]:
+    def _tags(self, extra: dict[str, str], role: str | None, fingerprint: str) -> dict[str, str]:
         cfg, source = self.cfg, self.source
         tags = {
             tracking.STAGE_TAG: self.stage.name,
@@ -246,7 +251,7 @@ class Job:
             tracking.ROLE_TAG: role or tracking.chain_role(self.stage.name, cfg, source),
             KEY_TAG: self.key,
             "mcis.dataset": cfg.data.root,
-            "mcis.dataset_fingerprint": dataset_fingerprint(cfg.data.root),
+            "mcis.dataset_fingerprint": fingerprint,
             "mlflow.source.git.commit": git_commit(),
             "mlflow.source.name": "mcis " + self.stage.name,
         }

@@ -28,6 +28,7 @@ from torch import nn
 
 from mcis_cli import distributed, tracking
 from mcis_cli.checkpoints import load_checkpoint, save_checkpoint
+from mcis_cli.config import SpeedCfg
 from mcis_cli.devices import derived_seed, rng_state, set_rng_state
 from mcis_cli.errors import McisError
 from mcis_cli.progress import console, training_progress
@@ -54,10 +55,15 @@ class Trainer:
     the loss turns non-finite). The model is the bare one: `parallel` wraps what a step calls."""
 
     def __init__(self, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, amp: bool, log_every: int):
+                 device: torch.device, amp: bool, log_every: int, speed: SpeedCfg | None = None):
+        speed = speed or SpeedCfg()
         self.stage, self.model, self.optimizer, self.device = stage, model, optimizer, device
+        self.dtype = torch.bfloat16 if speed.amp_dtype == "bf16" else torch.float16
         self.amp = amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.dtype == torch.float16)  # bf16 needs none
+        self.compile = speed.compile
+        if speed.channels_last:
+            model.to(memory_format=torch.channels_last)  # the outputs of its convolutions follow
         self.log_every = log_every
         self.distributed = distributed.active()
         self.main = distributed.is_main()
@@ -74,12 +80,14 @@ class Trainer:
         torch.manual_seed(derived_seed(seed, self.share[0], *values))
 
     def parallel(self, module: nn.Module, **options: Any) -> nn.Module:
-        """`module` under DDP when the ranks train together, else itself."""
-        return distributed.data_parallel(module, self.device, **options) if self.distributed else module
+        """What a step calls: `module` under DDP when the ranks train together, compiled when
+        `speed.compile` asks (the module's own parameters stay the ones saved)."""
+        module = distributed.data_parallel(module, self.device, **options) if self.distributed else module
+        return torch.compile(module) if self.compile else module
 
     def autocast(self):
         """The mixed precision of the forward (a no-op without AMP)."""
-        return torch.autocast(self.device.type, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp)
 
     def set_lr(self, lr: float) -> None:
         """The schedule's rate on every param group, times the group's multiplier."""

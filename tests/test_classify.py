@@ -180,7 +180,7 @@ def test_two_process_gloo_step_equals_one_process_on_the_global_batch(toy_root, 
     AdamW's first step (m / sqrt(v)) turns summation-order noise in near-zero gradients into
     full-size updates."""
     extra = {"classify.batch_size": 48, "classify.epochs": 1, "classify.contrastive_from_epoch": 0,
-             "classify.batch_norm": False, "classify.optimizer": "sgd"}
+             "classify.batch_norm": False, "classify.optimizer": "sgd", "tracking.system_metrics": 0.5}
     env = dict(os.environ, OMP_NUM_THREADS="1")
     outcomes = {}
     for name, launcher in (("one", []), ("ddp", ["-m", "torch.distributed.run", "--standalone",
@@ -204,3 +204,6 @@ def test_two_process_gloo_step_equals_one_process_on_the_global_batch(toy_root, 
     assert outcomes["ddp"].metrics["loss/total"] == pytest.approx(outcomes["one"].metrics["loss/total"],
                                                                   rel=1e-5)
     assert tracking.client().get_run(outcomes["ddp"].run_id).data.params["world_size"] == "2"
+    # system metrics: one process logs plain system/*, each rank of two logs as its own node
+    logged = {n: {k.rsplit("/", 1)[0] for k in outcomes[n].metrics if k.startswith("system/")} for n in outcomes}
+    assert logged == {"one": {"system"}, "ddp": {"system/rank0", "system/rank1"}}

@@ -1,4 +1,5 @@
-"""The stage engine: one resume model for every stage, per-item records, and the quality rule.
+"""The stage engine: one resume model for every stage, per-item records, what every run logs
+(its dataset, system metrics), and the quality rule.
 
 A toy stage (`count`) runs over items through `job.map`, so each rule is checked on a method that
 takes milliseconds: a stopped start continues in the same run with the missing items only, a
@@ -8,7 +9,9 @@ a finished run is never reopened.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +129,21 @@ def test_maps_scores_picks_the_best_sweep_point():
     assert scored["best"] == 1 and scored["threshold"] == 0.5 and scored["hot"] == {}
     np.testing.assert_array_equal(scored["cm"], sweep[1])
     assert scored["curve"][1]["miou"] == 1.0 and scored["curve"][0]["miou"] == pytest.approx(0.25)
+
+
+def test_every_run_logs_its_dataset_and_system_metrics(store):
+    cfg = _cfg(store, "engine-inputs").replace(tracking={"system_metrics": 0.2})
+    with engine.stage_run(cfg, "localize") as tracker:
+        time.sleep(1.0)  # a few samples
+    run = MlflowClient().get_run(tracker.run_id)
+    [given] = run.inputs.dataset_inputs
+    assert given.dataset.name == "voc" and given.dataset.digest == run.data.tags["mcis.dataset_fingerprint"]
+    assert json.loads(given.dataset.source)["uri"] == str(Path(cfg.data.root).resolve())
+    assert {t.key: t.value for t in given.tags} == {"mlflow.data.context": "localize"}
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+
+    quiet = cfg.replace(tracking={"system_metrics": 0})
+    with engine.stage_run(quiet, "localize") as tracker:
+        time.sleep(0.5)
+    assert not [k for k in MlflowClient().get_run(tracker.run_id).data.metrics if k.startswith("system/")]

@@ -268,7 +268,7 @@ def test_two_ranks_give_the_maps_of_one_and_one_process_completes_a_killed_rank(
         assert np.abs(maps.astype(np.float32) - reference[image_id]).max() <= 1e-6
     assert _all_maps(two).keys() == reference.keys()
     for key, value in single.metrics.items():
-        if key not in ("maps/cache_hit_rate", "maps/cache_peak_mb"):  # each rank has a cache of its own
+        if key not in ("maps/cache_hit_rate", "maps/cache_peak_mb") and not key.startswith("system/"):  # per process
             assert two.metrics[key] == value, key
     mlc = tracking.client()
     assert ([m.value for m in mlc.get_metric_history(two.run_id, "maps/sweep_miou")]

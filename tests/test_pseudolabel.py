@@ -234,7 +234,10 @@ def test_two_ranks_write_the_masks_and_numbers_of_one(toy_root: Path, tmp_path, 
     a, b = (sorted(r.fetch("pseudo").glob("*.png")) for r in (single, two))
     assert [p.name for p in a] == [p.name for p in b] and len(a) == 48
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))
-    assert two.metrics == single.metrics  # mIoU, per class, precision / recall, ignored, saliency
+    def method(metrics):  # what the method measured, not the machine it ran on (system/*)
+        return {k: v for k, v in metrics.items() if not k.startswith("system/")}
+
+    assert method(two.metrics) == method(single.metrics)  # mIoU, per class, precision / recall, ignored, saliency
     assert {"pseudo/miou", "saliency/fmeasure", "saliency/mae"} <= set(two.metrics)
     mlc = tracking.client()
     for key in ("sweep/miou", "sweep/ignore_frac"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,15 +42,18 @@ class UI:
     log: Path
     runs: dict[str, str]  # name -> run id
     experiment_id: str
+    monitored: tuple[str, str]  # (experiment id, run id) of a run with system metrics
 
 
-def log_run(home: Path, name: str, base_lr: float, miou: float) -> str:
-    cfg = Config.model_validate({"name": EXPERIMENT, "output_dir": str(home / "runs"),
-                                 "data": {"root": str(home / "voc")}})
+def log_run(home: Path, name: str, base_lr: float, miou: float, experiment: str = EXPERIMENT,
+            system_metrics: float = 0) -> str:
+    cfg = Config.model_validate({"name": experiment, "output_dir": str(home / "runs"), "data": {"root": str(home / "voc")},
+                                 "tracking": {"system_metrics": system_metrics}})
     with engine.stage_run(cfg, "segment", run_name=name) as tracker:
         for step in range(STEPS):
             tracker.log_metrics({"lr": base_lr * (1 - step / STEPS) ** 0.9}, step=step)
         tracker.log_metrics({"miou": miou}, step=STEPS)
+        time.sleep(4 * system_metrics)  # a few samples
     return tracker.run_id
 
 
@@ -63,6 +67,8 @@ def ui(tmp_path_factory, sqlite_template):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         runs = {name: log_run(home, name, lr, miou) for name, (lr, miou) in RUNS.items()}
         experiment_id = tracking.client().get_experiment_by_name(EXPERIMENT).experiment_id
+        monitored_run = log_run(home, "run-monitored", 0.01, 0.4, "ui-monitored", system_metrics=0.2)
+        monitored = (tracking.client().get_experiment_by_name("ui-monitored").experiment_id, monitored_run)
     port = servers.free_port()
     log = home / "mcis-ui.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
@@ -76,7 +82,7 @@ def ui(tmp_path_factory, sqlite_template):
         deadline = time.monotonic() + 30  # mcis polls /health too, then says so
         while f"MLflow UI ready: {url}" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
-        yield UI(proc, url, home, log, runs, experiment_id)
+        yield UI(proc, url, home, log, runs, experiment_id, monitored)
     finally:
         servers.stop_group(proc)
 
@@ -166,6 +172,20 @@ def test_compare_view_in_chromium(ui, tmp_path):
 
     screenshot(compare, tmp_path / "profile", tmp_path / "mlflow-compare.png", "1600,1800")
     screenshot(chart, tmp_path / "profile", tmp_path / "mlflow-lr-chart.png", "1600,1000")
+
+
+@pytest.mark.slow
+def test_run_page_shows_the_dataset_input_and_the_system_metrics(ui, tmp_path):
+    experiment_id, run_id = ui.monitored
+    run = servers.json_request(f"{ui.url}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
+    digest = {t["key"]: t["value"] for t in run["data"]["tags"]}["mcis.dataset_fingerprint"]
+    page = f"{ui.url}/#/experiments/{experiment_id}/runs/{run_id}"
+    dom = render(page, tmp_path / "profile", [f"voc ({digest})"])
+    assert f"voc ({digest})" in dom and ">Datasets<" in dom  # the dataset input, named with its digest
+    dom = render(page + "/system-metrics", tmp_path / "profile", ["System metrics<"])
+    shown = re.search(r"System metrics<.{0,400}?\((\d+)\)<", dom, re.S)
+    assert shown and int(shown.group(1)) >= 4, "no system-metric charts"  # CPU, memory, disk, network
+    screenshot(page + "/system-metrics", tmp_path / "profile", tmp_path / "mlflow-system-metrics.png", "1400,900")
 
 
 @pytest.mark.slow

@@ -159,7 +159,7 @@ class Trainer(training.Trainer):
         if imagenet:
             load_imagenet(model.backbone, c.batch_norm)
         model.to(device)
-        super().__init__(NAME, model, _optimizer(model, c), device, c.amp, c.log_every)
+        super().__init__(NAME, model, _optimizer(model, c), device, c.amp, c.log_every, cfg.speed)
         # find_unused_parameters: the gate waits for contrastive_from_epoch
         self.criterion = self.parallel(Criterion(model, c), find_unused_parameters=True)
 

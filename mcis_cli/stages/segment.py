@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mcis_cli import artifacts, engine, metrics, tracking, training
 from mcis_cli.checkpoints import load_checkpoint
-from mcis_cli.config import Config, SegmentCfg
+from mcis_cli.config import Config, SegmentCfg, SpeedCfg
 from mcis_cli.data import transforms, voc
 from mcis_cli.devices import derived_seed
 from mcis_cli.errors import McisError
@@ -236,7 +236,7 @@ def train_step(trainer: training.Trainer, net: nn.Module, images: torch.Tensor, 
     return trainer.step(loss, {}, where)["total"]
 
 
-def build_trainer(seg: SegmentCfg, num_classes: int, device: torch.device,
+def build_trainer(seg: SegmentCfg, speed: SpeedCfg, num_classes: int, device: torch.device,
                   imagenet: bool) -> tuple[training.Trainer, nn.Module]:
     """DeepLab (from ImageNet weights when `imagenet`) with SGD at DeepLab's lr multipliers, and
     the module a step calls: the model, under DDP when distributed."""
@@ -248,7 +248,7 @@ def build_trainer(seg: SegmentCfg, num_classes: int, device: torch.device,
         param_groups(model, seg.weight_decay, seg.lr_mult_bias, seg.lr_mult_classifier),
         lr=seg.lr, momentum=seg.momentum,
     )
-    trainer = training.Trainer(NAME, model, optimizer, device, seg.amp, seg.log_every)
+    trainer = training.Trainer(NAME, model, optimizer, device, seg.amp, seg.log_every, speed)
     return trainer, trainer.parallel(model)
 
 
@@ -322,7 +322,7 @@ def run(cfg: Config, from_run: str | None = None, labels: str = "pseudo", resume
     class_names = ["background", *voc.class_names(cfg.data.root)]
     items, skipped = _training_items(job, labels)
     val = _val_samples(cfg) if seg.val_every else []
-    trainer, net = build_trainer(seg, len(class_names), job.device, imagenet=seg.pretrained)
+    trainer, net = build_trainer(seg, cfg.speed, len(class_names), job.device, imagenet=seg.pretrained)
 
     role = tracking.CEILING if labels == "gt" else None
     with job.open(tags={tracking.LABELS_TAG: labels}, role=role):

@@ -30,6 +30,7 @@ from mcis_cli.tracking.run import (
     close_dead_runs,
     create_run,
     reopen_run,
+    system_metrics,
 )
 from mcis_cli.tracking.store import (
     ABLATION,
@@ -64,5 +65,5 @@ __all__ = [
     "Nest", "SourceRun", "Tracker",
     "client", "download_model", "experiment_id", "experiment_name", "find_runs", "finished_children", "fluent", "PROCESS_TAG",
     "get_run", "log_onnx_model", "log_serving_model", "resolve_run", "server_answers",
-    "set_model_version_tag", "tracking_uri", "chain_role", "check_resumable", "close_dead_runs", "create_run", "reopen_run",
+    "set_model_version_tag", "tracking_uri", "chain_role", "check_resumable", "close_dead_runs", "create_run", "reopen_run", "system_metrics",
 ]

@@ -14,6 +14,8 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +247,23 @@ class Tracker:
     def log_figure(self, figure, name: str) -> None:
         self._send(name, self.client.log_figure, self.run_id, figure, name)
 
+    def log_dataset(self, root: str | Path, digest: str, context: str) -> None:
+        """The data folder as an MLflow dataset input (the UI's Datasets column and lineage),
+        named after the folder, with the dataset fingerprint as its digest."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        path = Path(root).resolve()
+        with warnings.catch_warnings():  # a local path resolves to two equal local sources
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(path))
+        dataset = MetaDataset(source, name=path.name, digest=digest)._to_mlflow_entity()
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        self._send("the dataset input", self.client.log_inputs, self.run_id, inputs)
+
     def log_image(self, image, name: str) -> None:
         """`image`: an HxW(x3) uint8 array or a PIL image, saved as `name`.png."""
         from PIL import Image
@@ -282,6 +301,29 @@ def create_run(cfg: Config, tags: dict[str, str], run_name: str) -> Tracker:
     run = mlc.create_run(experiment_id(mlc, cfg), tags=tags | {PROCESS_TAG: process_identity()},
                          run_name=run_name)
     return Tracker(mlc, run.info.run_id, cfg.tracking.flush_every, tracking_uri(cfg))
+
+
+@contextmanager
+def system_metrics(cfg: Config, run_id: str, node: str | None, resumed: bool) -> Iterator[None]:
+    """MLflow's system-metrics monitor (CPU, memory, disk, network; GPUs through NVML where it
+    is installed) on `run_id` while the block runs, sampled every `tracking.system_metrics`
+    seconds (0: none); under torchrun each rank logs as its own node (`system/<node>/...`)."""
+    interval = cfg.tracking.system_metrics
+    if not interval:
+        yield
+        return
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resumed,
+                                   node_id=node, tracking_uri=tracking_uri(cfg))
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def check_resumable(cfg: Config, run_id: str, stage: str) -> None:
