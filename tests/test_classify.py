@@ -180,7 +180,7 @@ def test_two_process_gloo_step_equals_one_process_on_the_global_batch(toy_root, 
     AdamW's first step (m / sqrt(v)) turns summation-order noise in near-zero gradients into
     full-size updates."""
     extra = {"classify.batch_size": 48, "classify.epochs": 1, "classify.contrastive_from_epoch": 0,
-             "classify.batch_norm": False, "classify.optimizer": "sgd", "tracking.system_metrics": 0.5}
+             "classify.batch_norm": False, "classify.optimizer": "sgd", "tracking.system_metrics": 0.1}
     env = dict(os.environ, OMP_NUM_THREADS="1")
     outcomes = {}
     for name, launcher in (("one", []), ("ddp", ["-m", "torch.distributed.run", "--standalone",
