@@ -250,7 +250,7 @@ class SpeedCfg(Section):
     weights), never the method."""
 
     cudnn_benchmark: bool = False  # time cuDNN's convolution algorithms per input shape; never when deterministic
-    tf32: bool = False  # TensorFloat-32 matmuls and convolutions (Ampere and newer GPUs)
+    tf32: bool = False  # TensorFloat-32 matmuls too (cuDNN convolutions use it by default; Ampere+)
     channels_last: bool = False  # NHWC memory layout for the trained models and their batches
     amp_dtype: Literal["fp16", "bf16"] = "fp16"  # the autocast type of classify.amp / segment.amp
     compile: bool = False  # torch.compile the module a training step calls

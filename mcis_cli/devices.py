@@ -30,11 +30,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def configure_speed(speed: SpeedCfg, deterministic: bool) -> None:
     """This process's GPU kernel choices: cuDNN's per-shape algorithm search (its timing picks
-    differ from run to run, so never in deterministic mode) and TensorFloat-32 arithmetic."""
+    differ from run to run, so never in deterministic mode), and TensorFloat-32 for matmuls as
+    for convolutions. cuDNN convolutions keep PyTorch's default (TF32): forcing them to IEEE
+    also changes how the CPU export traces convolutions, and ONNX export then fails."""
     torch.backends.cudnn.benchmark = speed.cudnn_benchmark and not deterministic
-    precision = "tf32" if speed.tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if speed.tf32 else "ieee"
 
 
 def select_device(name: str) -> torch.device:
