@@ -253,11 +253,12 @@ def export(
 @friendly
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
-    model: Annotated[str, typer.Option("--model", help="model.onnx or models:/mcis-deeplab/<v>.")],
+    model: Annotated[str, typer.Option("--model", help="model.onnx, or models:/mcis-deeplab@champion (or /<version>).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("predictions"),
     provider: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Segment new images with ONNX Runtime (no PyTorch needed at serving time)."""
+    """Segment new images with ONNX Runtime (no PyTorch needed at serving time); masks at each
+    image's displayed size (EXIF orientation applied)."""
     from mcis_cli.predict import predict_files
 
     if provider not in ("auto", "cpu", "cuda"):
@@ -268,6 +269,23 @@ def predict(
         err.print(f"[bold red]error:[/] {reason}", highlight=False, soft_wrap=True)
     if result.failed:
         raise typer.Exit(2)
+
+
+@app.command()
+@friendly
+def promote(
+    version: Annotated[str, typer.Argument(metavar="VERSION", help="Version number, or an alias such as challenger.")],
+    name: Annotated[str, typer.Option("--name", help="Registered model name (export.model_name).")] = "mcis-deeplab",
+    allow_baseline: Annotated[bool, typer.Option(
+        "--allow-baseline", help="Allow a version that is not the method's (baseline, ceiling, ablation).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Allow a version without a miou tag, or scoring below the champion.")] = False,
+) -> None:
+    """Point NAME@champion, the version serving follows, at VERSION after checking its role and mIoU."""
+    from mcis_cli import tracking
+
+    result = tracking.promote(version, name, allow_baseline=allow_baseline, force=force)
+    out.print(str(result), highlight=False, soft_wrap=True)
 
 
 @app.command()

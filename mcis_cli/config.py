@@ -241,8 +241,27 @@ class ExportCfg(Section):
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     fp16_tolerance: float = Field(1e-2, gt=0)
     serving: Literal["cpu", "gpu"] = "cpu"  # the served model's onnxruntime package and providers
+    # ONNX Runtime settings of the served model, also used by `mcis predict` on a registered one
+    # (version tag `onnxruntime`). HEURISTIC: cuDNN picks a convolution algorithm without timing
+    # every candidate, which EXHAUSTIVE redoes for each new image size (every photo, here).
+    cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = "HEURISTIC"
+    tensorrt: bool = False  # TensorRT first where onnxruntime-gpu has it; needs serving=gpu
+    # what the served model accepts, beyond which it answers HTTP 413: pixels of one image (read
+    # from the header, before decoding) and the encoded images of one request together, in MB
+    max_pixels: int = Field(4096 * 4096, ge=64)
+    max_request_mb: float = Field(32.0, gt=0)
     register_model: bool = True
-    model_name: str = "mcis-deeplab"
+    # the registered model's name: one per task, which every config that trains for it shares
+    # (mcis-deeplab: VOC; mcis-deeplab-toy: the embedded data), so that `mcis promote` compares
+    # like with like and a demo never writes the name the VOC server serves
+    model_name: str = Field("mcis-deeplab", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+    @field_validator("tensorrt")
+    @classmethod
+    def _tensorrt_needs_gpu(cls, value: bool, info) -> bool:
+        if value and info.data.get("serving") != "gpu":
+            raise ValueError("needs export.serving=gpu (onnxruntime-gpu holds TensorRT)")
+        return value
 
 
 class SpeedCfg(Section):

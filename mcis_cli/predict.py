@@ -1,8 +1,9 @@
 """Segment new images with an exported model: ONNX Runtime, numpy and Pillow, no PyTorch.
 
 The inference itself is `mcis_cli.serving`, shared with the served MLflow model, so a mask from
-here equals the server's for the same image. Keep torch out of every import made here: a test
-checks.
+here equals the server's for the same image: photos are read upright (EXIF orientation applied),
+and a registered model runs with the provider settings it was exported with. Keep torch out of
+every import made here: a test checks.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _batches(images: list[Path], batch_size: int) -> tuple[list[list[Path]], dic
     unreadable: dict[Path, str] = {}
     for path in images:
         try:
-            by_size[probe_image(path)].append(path)
+            by_size[probe_image(path, upright=True)].append(path)
         except McisError as exc:
             unreadable[path] = str(exc)
     batches = [group[i : i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
@@ -79,17 +80,20 @@ class Prediction:
 
 
 def predict_files(model: str | Path, images: list[str], out_dir: str | Path, provider: str = "auto",
-                  batch_size: int = 8) -> Prediction:
-    """Write <out>/<stem>.png (palette mask) and <stem>_overlay.jpg for every readable image.
+                  batch_size: int = 8, settings: dict | None = None) -> Prediction:
+    """Write <out>/<stem>.png (palette mask) and <stem>_overlay.jpg for every readable image, at
+    its displayed size.
 
+    `model` is a .onnx file or a registry URI (`models:/NAME@champion`); `settings` are the
+    provider settings of `serving.provider_list`, read from the registered model for a URI.
     An unreadable image does not stop the others: it is listed in the result's `failed`. When no
     image can be read, nothing is written and the reason is the error.
     """
     if str(model).startswith("models:/"):
         from mcis_cli import tracking  # mlflow only for registry URIs
 
-        model = tracking.download_model(str(model))
-    session, used = open_session(model, provider)
+        model, settings = tracking.download_model(str(model))
+    session, used = open_session(model, provider, settings)
     meta = read_metadata(model)
     paths = collect_images(images)
     batches, failed = _batches(paths, batch_size)
@@ -110,7 +114,7 @@ def predict_files(model: str | Path, images: list[str], out_dir: str | Path, pro
             loaded = []
             for path in batch:
                 try:
-                    loaded.append((path, load_image(path)))
+                    loaded.append((path, load_image(path, upright=True)))
                 except McisError as exc:  # the header read, the pixels did not
                     failed[path] = str(exc)
             if not loaded:

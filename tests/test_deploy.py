@@ -1,4 +1,4 @@
-"""Team deployment (issue 10): docker-compose.yml and the Dockerfile, checked; then the same
+"""Team deployment: docker-compose.yml and the Dockerfile, checked; then the same
 topology run for real without Docker: PostgreSQL <- the compose file's `mlflow server`
 command and environment (basic auth, proxied artifacts) <- `mcis classify` over HTTP, a
 registered ONNX model, and deploy/serve.py.
@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 from mcis_cli import engine, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import load_config
+from mcis_cli.tracking import models
 from tests import servers
 
 postgres = servers.postgres  # module-scoped fixture
@@ -76,7 +77,7 @@ def mounts(service: dict) -> list[tuple[str, str, str]]:
 
 def dockerfile_stages() -> dict[str, str]:
     """Target name -> the text of that build stage."""
-    parts = re.split(r"^FROM\s+\S+\s+AS\s+(\w+)\s*$", DOCKERFILE, flags=re.M | re.I)
+    parts = re.split(r"^FROM\s+\S+\s+AS\s+([\w-]+)\s*$", DOCKERFILE, flags=re.M | re.I)
     return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
@@ -98,6 +99,10 @@ def test_compose_services_and_bindings():
             assert source.startswith("./") or source in COMPOSE["volumes"], f"{name}: {source}"
     assert "ports" not in services["postgres"]
     assert ("pgdata", "/var/lib/postgresql/data", "rw") in mounts(services["postgres"])
+    for name, service in services.items():  # `up --wait` and `ps` know each one's state
+        assert service["healthcheck"]["test"][0] == "CMD", name
+    header = (REPO / "docker-compose.yml").read_text().split("\nname:")[0]
+    assert "docs/shared-server.md" in header and (REPO / "docs" / "shared-server.md").is_file()
 
 
 def test_compose_mlflow_is_postgres_backed_authenticated_and_serves_artifacts():
@@ -132,7 +137,12 @@ def test_compose_gpu_services_log_in_to_the_server():
         assert service["depends_on"]["mlflow"]["condition"] == "service_healthy"
     train = COMPOSE["services"]["train"]
     assert any(target == "/app/data" and mode == "ro" for _, target, mode in mounts(train))
-    assert load_config(REPO / train["command"][3]).data.root.startswith("data/")  # under the mount
+    command = train["command"]
+    assert command[:command.index("mcis")] == ["torchrun", "--standalone", "--nproc_per_node=gpu", "--no-python"]
+    config = command[command.index("--config") + 1]
+    assert load_config(REPO / config).data.root.startswith("data/")  # under the mount
+    # the image's user owns what train writes: its runs volume and its torch cache
+    assert {target for _, target, _ in mounts(train)} >= {"/app/runs", "/home/mcis/.cache/torch"}
     inbox = COMPOSE["services"]["serve-inbox"]["command"]
     assert inbox[:2] == ["python", "deploy/serve.py"] and (REPO / inbox[1]).is_file()
 
@@ -140,10 +150,14 @@ def test_compose_gpu_services_log_in_to_the_server():
 def test_compose_serve_is_mlflow_models_serve_on_loopback():
     """The HTTP server test_serving.py runs, on the registered model, published on 127.0.0.1."""
     serve = COMPOSE["services"]["serve"]
+    assert serve["build"]["target"] == "serve"  # the torch-free image
     command = [interpolate(str(part), env_example()) for part in serve["command"]]
     option = {flag: command[i + 1] for i, flag in enumerate(command[:-1]) if flag.startswith("-")}
     assert command[:3] == ["mlflow", "models", "serve"]
-    assert option["-m"].startswith("models:/mcis-deeplab/") and option["--env-manager"] == "local"
+    assert option["-m"] == "models:/mcis-deeplab@champion" and option["--env-manager"] == "local"
+    defaults = [m.group(3) for m in VARIABLE.finditer((REPO / "docker-compose.yml").read_text())
+                if m.group(1) == "MCIS_MODEL"]
+    assert defaults == ["models:/mcis-deeplab@champion"] * 2  # serve and serve-inbox: never latest
     assert serve["ports"] == [f"127.0.0.1:{option['--port']}:{option['--port']}"]
     assert f"127.0.0.1:{option['--port']}/ping" in serve["healthcheck"]["test"][-1]
 
@@ -161,15 +175,52 @@ def test_env_example_defines_every_required_variable():
 
 def test_dockerfile_targets():
     stages = dockerfile_stages()
-    assert {"cpu", "gpu", "tracking"} <= stages.keys()
+    assert {"cpu", "gpu", "serve", "tracking"} <= stages.keys()
     assert 'pip install "mlflow[auth]==${MLFLOW_VERSION}" "psycopg2-binary' in stages["tracking"]
-    assert 'install --extra-index-url https://download.pytorch.org/whl/cpu ".[cpu,postgres]"' in stages["cpu"]
-    assert 'uv pip install ".[gpu,postgres]"' in stages["gpu"]
+    assert "python requirements.py pyproject.toml cpu postgres" in stages["cpu-build"]
+    assert "pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt" in stages["cpu-build"]
+    assert "python requirements.py pyproject.toml gpu postgres" in stages["gpu-build"]
     assert "ARG CUDA_IMAGE=nvidia/cuda:13." in DOCKERFILE and "cudnn-runtime" in DOCKERFILE
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     mlflow_pin = next(p for p in pins if p.startswith("mlflow=="))
     assert f"ARG MLFLOW_VERSION={mlflow_pin.split('==')[1]}" in DOCKERFILE, "server and client must match"
     assert COMPOSE["services"]["mlflow"]["image"].endswith(mlflow_pin.split("==")[1])
+
+
+def instructions(stage: str) -> list[str]:
+    """The instructions of a Dockerfile stage, continuation lines joined, comments left out."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile_stages()[stage])
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_layers_users_and_the_torch_free_serving_image():
+    for build, final in (("cpu-build", "cpu"), ("gpu-build", "gpu")):
+        steps = instructions(build)
+        deps = next(i for i, step in enumerate(steps) if "-r requirements.txt" in step)
+        code = steps.index("COPY mcis_cli mcis_cli")
+        assert steps.index("COPY pyproject.toml deploy/requirements.py ./") < deps < code, build
+        assert "build-essential" in " ".join(steps)
+        steps = instructions(final)
+        assert "build-essential" not in " ".join(steps), f"{final} ships compilers"
+        assert not [step for step in steps if step.startswith("COPY mcis_cli")], final  # the wheel, built there
+        assert any(f"--mount=from={build},source=/wheels" in step for step in steps), final
+    for final in ("cpu", "gpu", "serve", "tracking"):
+        users = [step.split()[1] for step in instructions(final) if step.startswith("USER ")]
+        assert users and users[-1] not in ("root", "0"), f"{final} runs as root"
+    serve = " ".join(instructions("serve"))
+    assert "COPY" not in serve and "torch" not in serve and "mcis_cli" not in serve
+    assert f'"{models.ONNXRUNTIME["gpu"]}"' in serve  # the served model's own pin
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f'"{next(p for p in pins if p.startswith("numpy=="))}"' in serve
+    assert '"mlflow-skinny==${MLFLOW_VERSION}"' in serve
+
+
+def test_requirements_script_lists_pyproject_with_the_extras():
+    done = subprocess.run([sys.executable, str(REPO / "deploy" / "requirements.py"), str(REPO / "pyproject.toml"),
+                           "cpu", "postgres"], capture_output=True, text=True, check=True)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert done.stdout.split("\n")[:-1] == project["dependencies"] + extras["cpu"] + extras["postgres"]
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".env", "data", "runs"} <= set(ignored)
 
@@ -327,7 +378,8 @@ def test_serve_segments_new_images_with_the_registered_model(logged_in, toy_root
                             "tracking.experiment=team-serve"])
     with engine.stage_run(cfg, "export") as tracker:
         example = np.zeros((1, 3, 32, 32), np.float32)
-        tracking.log_onnx_model(tracker, segmenter(classes), "model", example, "mcis-deeplab")
+        info = tracking.log_onnx_model(tracker, segmenter(classes), "model", example, "mcis-deeplab")
+    MlflowClient().set_registered_model_alias("mcis-deeplab", "champion", info.registered_model_version)
 
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     inbox.mkdir()
@@ -337,8 +389,9 @@ def test_serve_segments_new_images_with_the_registered_model(logged_in, toy_root
     for image in inbox.iterdir():  # older than the settle time: fully copied in
         os.utime(image, (image.stat().st_mtime - 60,) * 2)
     done = subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "serve.py"), "--model", "models:/mcis-deeplab/latest",
-         "--inbox", str(inbox), "--outbox", str(outbox), "--provider", "cpu", "--once"],
+        [sys.executable, str(REPO / "deploy" / "serve.py"), "--model", "models:/mcis-deeplab@champion",
+         "--inbox", str(inbox), "--outbox", str(outbox), "--provider", "cpu", "--once",
+         "--heartbeat", str(tmp_path / "alive")],
         cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -347,3 +400,4 @@ def test_serve_segments_new_images_with_the_registered_model(logged_in, toy_root
     assert (inbox / "done" / "street.png").is_file()
     assert (inbox / "failed" / "broken.jpg").is_file() and "broken.jpg" in done.stderr
     assert not list(outbox.glob("broken*"))
+    assert (tmp_path / "alive").is_file()  # what the compose healthcheck reads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,10 +114,15 @@ def test_metadata_round_trip(exported):
 def test_registered_version_is_tagged_and_served(exported, tmp_path):
     *_, source, result = exported
     uri = result.outputs["registered"]
-    assert uri == "models:/mcis-deeplab/1"
-    tags = MlflowClient().get_model_version("mcis-deeplab", "1").tags
+    assert uri == "models:/mcis-deeplab-toy/1"  # toy.yaml's name: never the VOC model's
+    assert result.outputs["challenger"] == "models:/mcis-deeplab-toy@challenger"
+    assert tracking.registry.aliases(MlflowClient().get_registered_model("mcis-deeplab-toy")) == {"challenger": "1"}
+    tags = MlflowClient().get_model_version("mcis-deeplab-toy", "1").tags
     assert tags["miou"] == "0.42" and tags["mcis.source_run"] == source
     assert (tags["mcis.role"], tags["mcis.labels"]) == ("method", "pseudo")
+    assert json.loads(tags["onnxruntime"]) == {"providers": ["CPUExecutionProvider"],
+                                               "cudnn_conv_algo_search": "HEURISTIC", "tensorrt": False}
+    assert (tags["max_pixels"], tags["max_request_mb"]) == (str(4096 * 4096), "32.0")
     rng = np.random.default_rng(0)
     image = np.kron(rng.integers(0, 256, (6, 7, 3)), np.ones((8, 8, 1))).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "x.png")
@@ -137,6 +143,20 @@ def test_dynamic_int8_is_a_checked_model_with_the_metadata(exported, tmp_path):
     out = session.run(None, {"input": np.zeros((2, 3, 41, 53), np.float32)})[0]
     assert out.shape == (2, len(CLASSES), 41, 53)
     assert predict.read_metadata(int8)["class_names"] == CLASSES
+
+
+def test_only_the_method_becomes_the_challenger(exported, store):
+    """A ceiling export is registered and tagged, but @challenger stays on the method's version."""
+    cfg = exported[0]
+    source = segment_run(cfg, spread_model(), val_miou=0.9)
+    MlflowClient().set_tag(source, tracking.ROLE_TAG, tracking.CEILING)
+    MlflowClient().set_tag(source, tracking.LABELS_TAG, "gt")
+    before = MlflowClient().get_registered_model("mcis-deeplab-toy").aliases
+    result = export.run(cfg, from_run=source, ceiling=True)
+    version = result.outputs["registered"].rsplit("/", 1)[1]
+    assert MlflowClient().get_model_version("mcis-deeplab-toy", version).tags["mcis.role"] == "ceiling"
+    assert "challenger" not in result.outputs
+    assert MlflowClient().get_registered_model("mcis-deeplab-toy").aliases == before
 
 
 def test_unknown_registry_version_is_one_line(store, tmp_path):
@@ -266,7 +286,7 @@ def test_fp16_export_is_checked_against_torch_and_registered_as_fp16(store):
     assert 0 < result.metrics["fp16/max_rel_diff"] <= cfg.export.fp16_tolerance
     assert result.metrics["fp16/argmax_agree"] > 0.98
     version = result.outputs["registered"].rsplit("/", 1)[1]
-    tags = MlflowClient().get_model_version("mcis-deeplab", version).tags
+    tags = MlflowClient().get_model_version("mcis-deeplab-toy", version).tags
     assert (tags["precision"], tags["file"], tags["serving"]) == ("fp16", "model.fp16.onnx", "cpu")
     assert float(tags["fp16/max_rel_diff"]) == pytest.approx(result.metrics["fp16/max_rel_diff"])
 

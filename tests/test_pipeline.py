@@ -133,17 +133,24 @@ def test_pipeline_runs_every_stage_then_resumes_after_a_failure(tmp_path, toy_ro
     exported = CliRunner().invoke(app, ["export", "--config", str(config)])
     assert exported.exit_code == 0, exported.output
     assert f"step segment of pipeline run {parent.info.run_id}" in exported.output
-    version = _newest_version(mlc, "mcis-deeplab")
+    version = _newest_version(mlc, "mcis-deeplab-toy")  # toy.yaml's name, never the VOC model's
+    assert not mlc.search_registered_models("name='mcis-deeplab'")
     assert version.tags[tracking.SOURCE_TAG] == children["segment"].info.run_id
     assert (version.tags[tracking.ROLE_TAG], version.tags[tracking.LABELS_TAG]) == ("method", "pseudo")
+    assert tracking.registry.aliases(mlc.get_registered_model("mcis-deeplab-toy"))["challenger"] == str(version.version)
     ceiling = ["export", "--config", str(config), "--from-run", children["segment_gt"].info.run_id]
     refused = CliRunner().invoke(app, ceiling)
     assert refused.exit_code == 2 and "fully supervised ceiling" in refused.stderr
-    assert _newest_version(mlc, "mcis-deeplab").version == version.version
+    assert _newest_version(mlc, "mcis-deeplab-toy").version == version.version
     on_purpose = CliRunner().invoke(app, [*ceiling, "--ceiling"])
     assert on_purpose.exit_code == 0, on_purpose.output
-    tags = _newest_version(mlc, "mcis-deeplab").tags
+    ceiling_version = _newest_version(mlc, "mcis-deeplab-toy")
+    tags = ceiling_version.tags
     assert (tags[tracking.ROLE_TAG], tags[tracking.LABELS_TAG]) == ("ceiling", "gt")
+    refused = CliRunner().invoke(app, ["promote", str(ceiling_version.version), "--name", "mcis-deeplab-toy"])
+    assert refused.exit_code == 2 and "is a ceiling model" in refused.stderr
+    promoted = CliRunner().invoke(app, ["promote", "challenger", "--name", "mcis-deeplab-toy"])
+    assert promoted.exit_code == 0 and f"-> version {version.version}" in promoted.stdout, promoted.output
     localized = CliRunner().invoke(app, ["localize", "--config", str(config)])
     assert localized.exit_code == 0, localized.output
     newest = tracking.find_runs(load_config(config), "localize")[0]

@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -96,11 +97,66 @@ def test_cuda_listed_without_a_gpu(model_file, monkeypatch):
 
 
 class _CpuOnlySession:
-    def __init__(self, path, providers):
+    def __init__(self, path, providers, provider_options):
         self.providers = providers
 
     def get_providers(self):
         return ["CPUExecutionProvider"]
+
+
+CPU, CUDA, TRT = serving.CPU, serving.CUDA, serving.TENSORRT
+HEURISTIC = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def test_provider_list_orders_and_configures_the_providers(tmp_path, monkeypatch):
+    """The CUDA path cannot run here; what it is given is decided by `provider_list` alone."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    trt = (TRT, {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(tmp_path / "mcis" / "tensorrt")})
+    everything = [TRT, CUDA, CPU]
+    assert serving.provider_list("auto", {}, everything) == [(CUDA, HEURISTIC), (CPU, {})]  # a bare .onnx file
+    assert serving.provider_list("auto", {}, [CPU]) == [(CPU, {})]
+    assert serving.provider_list("cpu", {"tensorrt": True}, everything) == [(CPU, {})]
+    exhaustive = {"cudnn_conv_algo_search": "EXHAUSTIVE", "tensorrt": True}
+    assert serving.provider_list("auto", exhaustive, everything) == \
+        [trt, (CUDA, {"cudnn_conv_algo_search": "EXHAUSTIVE"}), (CPU, {})]
+    assert serving.provider_list("cuda", exhaustive, everything) == [trt, (CUDA, {"cudnn_conv_algo_search": "EXHAUSTIVE"})]
+    assert serving.provider_list("auto", exhaustive, [CUDA, CPU])[0][0] == CUDA  # TensorRT not installed
+    with pytest.raises(McisError, match="no CUDA support"):
+        serving.provider_list("cuda", {}, [CPU])
+    with pytest.raises(McisError, match="provider must be auto, cpu or cuda"):
+        serving.provider_list("tpu", {}, everything)
+
+
+class _Recorder(_CpuOnlySession):
+    """A session that keeps what it was given (this onnxruntime has no GPU provider to run)."""
+
+    given: list = []
+    session = ort.InferenceSession  # the real one, for the model's metadata
+
+    def __init__(self, path, providers, provider_options):
+        super().__init__(path, providers, provider_options)
+        _Recorder.given.append(list(zip(providers, provider_options, strict=True)))
+        self.real = _Recorder.session(path, providers=[CPU])
+
+    def get_modelmeta(self):
+        return self.real.get_modelmeta()
+
+
+def test_settings_reach_the_session_of_predict_and_of_the_served_model(model_file, monkeypatch):
+    monkeypatch.setattr(serving.ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+    monkeypatch.setattr(serving.ort, "preload_dlls", lambda: None, raising=False)
+    monkeypatch.setattr(serving.ort, "InferenceSession", _Recorder)
+    monkeypatch.setattr(_Recorder, "given", [])
+    predict.open_session(model_file[1], "auto", {"cudnn_conv_algo_search": "DEFAULT"})
+    config = {"providers": [TRT, CUDA, CPU], "cudnn_conv_algo_search": "HEURISTIC", "tensorrt": True,
+              "max_pixels": 100, "max_request_mb": 1}
+    serving.Segmenter(model_file[1], config)
+    cpu_model = serving.Segmenter(model_file[1], {**config, "providers": [CPU]})
+    first, served, served_cpu = _Recorder.given
+    assert first == [(CUDA, {"cudnn_conv_algo_search": "DEFAULT"}), (CPU, {})]
+    assert [name for name, _ in served] == [TRT, CUDA, CPU] and served[1][1] == HEURISTIC
+    assert served[0][1]["trt_engine_cache_enable"] == "True"
+    assert served_cpu == [(CPU, {})] and cpu_model.max_pixels == 100
 
 
 def test_metadata_is_all_a_consumer_needs(model_file):

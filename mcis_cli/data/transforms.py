@@ -1,6 +1,9 @@
 """Image and mask I/O and the few augmentations MCIS uses, on numpy arrays (HxWx3 / HxW uint8).
 
 Images are RGB uint8 everywhere; masks are uint8 index maps (0 background, 1..K, 255 ignore).
+Dataset images are read as stored: VOC's masks are aligned with the stored pixels, whatever an
+EXIF orientation tag says. New photos (`mcis predict`, the served model) are read `upright`, as a
+viewer shows them, so that their masks line up with what the user sees.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageEnhance, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from mcis_cli.errors import McisError
 from mcis_cli.files import atomic_path
@@ -25,6 +28,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)  # padding colour: zero after to_tensor
 IGNORE = 255
+ORIENTATION = 0x0112  # the EXIF tag; values 5-8 turn the image a quarter
 
 _ENHANCE = {
     "brightness": ImageEnhance.Brightness,
@@ -38,6 +42,10 @@ _RESAMPLE = {
 }
 
 
+class ImageTooLarge(McisError):
+    """An image beyond Pillow's decompression-bomb limit: a served request answers it 413, not 400."""
+
+
 @contextmanager
 def _readable(path: str | Path) -> Iterator[None]:
     """Every way an image file can be unusable becomes one McisError naming it."""
@@ -46,7 +54,7 @@ def _readable(path: str | Path) -> Iterator[None]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise McisError(
+        raise ImageTooLarge(
             f"{path}: image too large for Pillow's decompression-bomb limit ({exc}); "
             "downscale it or remove it from the inputs"
         ) from None
@@ -68,21 +76,34 @@ def _open(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
     return image
 
 
-def probe_image(path: str | Path) -> tuple[int, int]:
-    """(h, w) of an image, decoding all of it at 1/8 scale: fast, yet a truncated JPEG still fails."""
+def image_size(source: str | Path | BinaryIO, name: str | None = None) -> tuple[int, int]:
+    """(h, w) of an image as stored, from its header alone: what a pixel limit checks before
+    decoding (the EXIF orientation is not read: a PNG keeps it after the pixels)."""
+    with _readable(name or source):
+        image = Image.open(source)
+        return image.height, image.width
+
+
+def probe_image(path: str | Path, upright: bool = False) -> tuple[int, int]:
+    """(h, w) of an image, decoding all of it at 1/8 scale: fast, yet a truncated JPEG still fails.
+    `upright`: as a viewer shows it (EXIF orientations 5-8 swap the sides)."""
     with _readable(path):
         image = Image.open(path)
-        size = (image.height, image.width)
-        image.draft(None, (image.width // 8, image.height // 8))
+        h, w = image.height, image.width
+        image.draft(None, (w // 8, h // 8))
         image.load()
-    return size
+        turned = upright and image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+    return (w, h) if turned else (h, w)
 
 
-def load_image(path: str | Path | BinaryIO, name: str | None = None) -> np.ndarray:
-    """RGB uint8 HxWx3; gray, palette, CMYK and RGBA inputs are converted. `name` says what the
-    source is in error messages (a file object, e.g. the bytes of a served request, has none)."""
+def load_image(path: str | Path | BinaryIO, name: str | None = None, upright: bool = False) -> np.ndarray:
+    """RGB uint8 HxWx3; gray, palette, CMYK, RGBA and 16-bit inputs are converted. `name` says
+    what the source is in error messages (a file object, e.g. the bytes of a served request, has
+    none). `upright` applies the EXIF orientation (photos); the dataset reader never does."""
     image = _open(path, name)
-    if image.mode in ("I", "I;16", "F"):  # 16-bit / float gray: rescale to 8 bit first
+    if upright:
+        image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":  # 16-bit / float gray (I;16, I;16B, F): to 8 bit
         values = np.asarray(image, dtype=np.float64)
         span = max(values.max() - values.min(), 1e-12)
         image = Image.fromarray(np.uint8(255 * (values - values.min()) / span))

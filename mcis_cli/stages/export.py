@@ -7,6 +7,8 @@ checked before it takes its final name: the ONNX checker, then ONNX Runtime agai
 `export.precision: fp16` adds a half-precision copy for GPUs, checked the same way against
 PyTorch fp32 (relative tolerance); the registered MLflow model serves the chosen precision
 (`mcis_cli/tracking/pyfunc_model.py`: images in, masks out), beside the plain ONNX flavour.
+It is registered under `export.model_name` and, when it is the method's, becomes that name's
+`@challenger`; serving follows `@champion`, which `mcis promote` moves (tracking/registry.py).
 """
 
 from __future__ import annotations
@@ -282,13 +284,16 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
         if ex.register_model:
             served = Path(outputs["onnx" if ex.precision == "fp32" else ex.precision])
             example = np.random.default_rng(0).standard_normal((1, 3, 64, 64), dtype=np.float32)
-            tracking.log_onnx_model(tracker, onnx.load(served), "onnx", example, serving=ex.serving)
-            info = tracking.log_serving_model(tracker, served, "model", example_png(), ex.model_name, ex.serving)
+            tracking.log_onnx_model(tracker, onnx.load(served), "onnx", example, ex=ex)
+            info = tracking.log_serving_model(tracker, served, "model", example_png(), ex.model_name, ex)
             version = str(info.registered_model_version)
+            served_config = tracking.serving_config(ex)
             tags = {tracking.SOURCE_TAG: source.run_id, tracking.ROLE_TAG: source.role,
                     tracking.LABELS_TAG: source.tags.get(tracking.LABELS_TAG, "pseudo"),
                     "parity/max_abs_diff": scores["parity/max_abs_diff"],
-                    "precision": ex.precision, "serving": ex.serving, "file": served.name}
+                    "precision": ex.precision, "serving": ex.serving, "file": served.name,
+                    "onnxruntime": json.dumps({k: served_config[k] for k in tracking.ORT_KEYS}),
+                    "max_pixels": ex.max_pixels, "max_request_mb": ex.max_request_mb}
             tags.update({k: v for k, v in scores.items() if k.startswith("fp16/")})
             found = source_miou(cfg, source)
             if found:
@@ -296,5 +301,8 @@ def run(cfg: Config, from_run: str | None = None, out: str | Path | None = None,
             for key, value in tags.items():
                 tracking.set_model_version_tag(tracker, ex.model_name, version, key, value)
             outputs["registered"] = f"models:/{ex.model_name}/{version}"
+            if source.role == tracking.METHOD:  # a baseline or the ceiling never stands for the method
+                tracking.set_challenger(tracker, ex.model_name, version)
+                outputs["challenger"] = f"models:/{ex.model_name}@{tracking.CHALLENGER}"
     return job.result(scores, outputs)
 

@@ -12,16 +12,27 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mcis_cli.config import ExportCfg
 from mcis_cli.errors import McisError
 from mcis_cli.tracking.store import fluent, require_store, tracking_uri
 
 # export.serving: the onnxruntime package a served model's environment installs (the pins of
-# pyproject.toml's cpu and gpu extras; the gpu one with CUDA 13 and cuDNN 9 from pip), and the
-# execution providers its MLmodel lists, tried in that order
+# pyproject.toml's cpu and gpu extras; the gpu one with CUDA 13 and cuDNN 9 from pip)
 ONNXRUNTIME = {"cpu": "onnxruntime==1.32.0", "gpu": "onnxruntime-gpu[cuda,cudnn]==1.31.1"}
-SERVING_PROVIDERS = {"cpu": ["CPUExecutionProvider"],
-                     "gpu": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 PYFUNC_MODEL = Path(__file__).resolve().parent / "pyfunc_model.py"  # the served model, as code
+ORT_KEYS = ("providers", "cudnn_conv_algo_search", "tensorrt")  # the version tag `onnxruntime`
+
+
+def serving_config(ex: ExportCfg) -> dict[str, Any]:
+    """The served model's MLmodel config, what `serving.Segmenter` and `mcis predict` read: the
+    execution providers it lists, best first (those of `provider_list` where every one is
+    installed), their settings, and the request limits."""
+    from mcis_cli.serving import CPU, CUDA, TENSORRT, provider_list  # onnxruntime: only when needed
+
+    settings = {"cudnn_conv_algo_search": ex.cudnn_conv_algo_search, "tensorrt": ex.tensorrt}
+    mode = "auto" if ex.serving == "gpu" else "cpu"
+    providers = [name for name, _ in provider_list(mode, settings, [TENSORRT, CUDA, CPU])]
+    return {"providers": providers, **settings, "max_pixels": ex.max_pixels, "max_request_mb": ex.max_request_mb}
 
 
 def serving_requirements(serving: str) -> list[str]:
@@ -33,9 +44,9 @@ def serving_requirements(serving: str) -> list[str]:
 
 
 def log_onnx_model(tracker, model_proto, name: str, input_example, registered_name: str | None = None,
-                   serving: str = "cpu"):
+                   ex: ExportCfg | None = None):
     """Log an ONNX model to the tracker's run, with a signature whose batch, height and width
-    stay dynamic."""
+    stay dynamic, and the providers and requirements of the export settings `ex`."""
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -45,6 +56,7 @@ def log_onnx_model(tracker, model_proto, name: str, input_example, registered_na
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "input")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1), "logits")]),
     )
+    ex = ex or ExportCfg()
     with fluent(tracker.uri), mlflow.start_run(run_id=tracker.run_id):
         return mlflow.onnx.log_model(
             model_proto,
@@ -52,19 +64,19 @@ def log_onnx_model(tracker, model_proto, name: str, input_example, registered_na
             signature=signature,
             input_example={"input": input_example},
             registered_model_name=registered_name,
-            onnx_execution_providers=SERVING_PROVIDERS[serving],
-            pip_requirements=serving_requirements(serving),
+            onnx_execution_providers=serving_config(ex)["providers"],
+            pip_requirements=serving_requirements(ex.serving),
             # one file, as `mcis export` writes it: onnx creates external data files 0600
             save_as_external_data=False,
         )
 
 
 def log_serving_model(tracker, onnx_path: Path, name: str, example_image: bytes,
-                      registered_name: str | None, serving: str = "cpu"):
+                      registered_name: str | None, ex: ExportCfg):
     """Log (and register) the served model to the tracker's run: mcis_cli/tracking/pyfunc_model.py
-    as models-from-code, the .onnx file as its artifact, and the torch-free serving code in its
+    as models-from-code, the .onnx file as its artifact, the torch-free serving code in its
     code_paths, so an environment built from its requirements alone (`--env-manager virtualenv`,
-    `mlflow models build-docker`) serves it without mcis installed."""
+    `mlflow models build-docker`) serves it without mcis installed, and `serving_config(ex)`."""
     import mlflow
     import pandas as pd
     from mlflow.models import ModelSignature
@@ -76,9 +88,10 @@ def log_serving_model(tracker, onnx_path: Path, name: str, example_image: bytes,
     package = Path(serving_code.__file__).parent
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec(Array(Array(DataType.long)), "mask"),  # HxW class indices
+        outputs=Schema([ColSpec(DataType.string, "mask_png", required=False),  # base64 palette PNG
+                        ColSpec(Array(Array(DataType.long)), "mask", required=False),  # format: lists
                         ColSpec(Array(DataType.double), "scores", required=False)]),
-        params=ParamSchema([ParamSpec("scores", "boolean", False)]),
+        params=ParamSchema([ParamSpec("scores", "boolean", False), ParamSpec("format", "string", "png")]),
     )
     with tempfile.TemporaryDirectory() as tmp, fluent(tracker.uri), mlflow.start_run(run_id=tracker.run_id):
         code = Path(tmp) / "mcis_cli"
@@ -92,8 +105,8 @@ def log_serving_model(tracker, onnx_path: Path, name: str, example_image: bytes,
             code_paths=[str(code)],
             signature=signature,
             input_example=pd.DataFrame({"image": [example_image]}),
-            model_config={"providers": SERVING_PROVIDERS[serving]},
-            pip_requirements=serving_requirements(serving),
+            model_config=serving_config(ex),
+            pip_requirements=serving_requirements(ex.serving),
             registered_model_name=registered_name,
         )
 
@@ -103,10 +116,12 @@ def set_model_version_tag(tracker, name: str, version: str, key: str, value: Any
     tracker.client.set_model_version_tag(name, version, key, str(value))
 
 
-def download_model(uri: str) -> Path:
-    """Local .onnx file behind a registry URI such as `models:/mcis-deeplab/3` (read in place
-    from a local store, downloaded from a server)."""
+def download_model(uri: str) -> tuple[Path, dict[str, Any]]:
+    """Local .onnx file behind a registry URI such as `models:/mcis-deeplab@champion` or
+    `models:/mcis-deeplab/3` (read in place from a local store, downloaded from a server), and
+    the served model's config (`serving_config`; empty for a plain ONNX model)."""
     import mlflow
+    from mlflow.models import Model
 
     require_store(None, f"model {uri} not found in the registry")
     try:
@@ -115,9 +130,10 @@ def download_model(uri: str) -> Path:
     except Exception as exc:  # noqa: BLE001 - mlflow raises different types per store
         raise McisError(
             f"model {uri} not found in the registry at {tracking_uri()} ({type(exc).__name__}); "
-            "check the name and version, e.g. in `mcis ui`"
+            "check the name and the version or alias (`mcis promote` sets @champion), e.g. in `mcis ui`"
         ) from None
     found = sorted(folder.rglob("*.onnx"))  # the served model keeps it under artifacts/
     if not found:
         raise McisError(f"model {uri} holds no .onnx file; register one with `mcis export`")
-    return found[0]
+    pyfunc = Model.load(folder).flavors.get("python_function", {})
+    return found[0], pyfunc.get("config") or {}

@@ -9,8 +9,9 @@ The work is `mcis_cli.serving.Segmenter` (torch-free), which the model carries i
 code_paths; this file needs nothing else of mcis.
 
 A request's bad input raises `BadRequest`, an `MlflowException` with INVALID_PARAMETER_VALUE:
-the scoring server answers that with HTTP 400 and the message (any other exception would become
-a 400 carrying a traceback and a generic message).
+the scoring server answers it with the input's HTTP status (400, or 413 beyond the model's size
+limits) and the message (any other exception would become a 400 carrying a traceback and a
+generic message).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from mcis_cli.serving import BadInput, Segmenter
 class BadRequest(MlflowException):
     """Keeps its one-line reason as the message: MLflow's scoring server rewrites the message of
     an MlflowException from predict to "Failed to predict data '<the whole input>'. \nError: ...",
-    which echoes the request back over several lines."""
+    which echoes the request back over several lines. The server answers with
+    `get_http_status_code()`, which MLflow maps from the error code alone (no code maps to 413)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, status: int):
         self.reason = reason
+        self.status = status
         super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
 
     @property
@@ -43,19 +46,24 @@ class BadRequest(MlflowException):
     def message(self, _rewritten: str) -> None:
         pass
 
+    def get_http_status_code(self) -> int:
+        return self.status
+
 
 class SegmenterModel(PythonModel):
     def load_context(self, context):
-        providers = (context.model_config or {}).get("providers")
-        self.segmenter = Segmenter(context.artifacts["onnx"], providers)
-        print(f"mcis: segmenter loaded on {self.segmenter.provider} (asked for {providers})",
+        config = context.model_config
+        self.segmenter = Segmenter(context.artifacts["onnx"], config)
+        print(f"mcis: segmenter loaded on {self.segmenter.provider} (asked for {config['providers']})",
               file=sys.stderr, flush=True)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        params = params or {}
         try:
-            rows = self.segmenter.predict(list(model_input["image"]), bool((params or {}).get("scores")))
+            rows = self.segmenter.predict(list(model_input["image"]), bool(params.get("scores")),
+                                          params.get("format", "png"))
         except BadInput as exc:
-            raise BadRequest(str(exc)) from None
+            raise BadRequest(str(exc), exc.status) from None
         return pd.DataFrame(rows)
 
 
