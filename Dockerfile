@@ -108,6 +108,6 @@ RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv --mount=from=gpu-build,s
 COPY configs configs
 COPY deploy deploy
 ARG GIT_COMMIT=unknown
-ENV MCIS_GIT_COMMIT=${GIT_COMMIT}
+ENV MCIS_GIT_COMMIT=${GIT_COMMIT} NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER mcis
 CMD ["mcis", "--help"]
