@@ -73,7 +73,7 @@ def _timed(items, params: CrfCfg, jobs: int) -> tuple[float, list[np.ndarray], f
     return time.perf_counter() - start, labels, time.process_time() - cpu
 
 
-def main(n: int = 16, size: int = 321, classes: int = 21, jobs: int = 2, rounds: int = 5) -> dict[str, float]:
+def main(n: int = 16, size: int = 321, classes: int = 21, jobs: int = 2, rounds: int = 7) -> dict[str, float]:
     params = CrfCfg()
     items = scenes(n, size, classes)
     tiny = scenes(jobs, 8, 3)
