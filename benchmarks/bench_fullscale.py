@@ -41,7 +41,7 @@ N_TRAIN, N_VAL = 10, 2  # two classifier steps of 5 pairs; 16 images would fill 
 TRAIN_IMAGES, VAL_IMAGES = 10_582, 1_449  # train_aug, val [docs/method.md §1.4, §4.3]
 VOC_LABEL_COUNTS = {1: 6746, 2: 2894, 3: 774, 4: 141, 5: 27}  # classes per image, train_cls.txt [docs/method.md §7]
 RSS_LIMIT = 24 * 2**30
-MISS_SAMPLES = 4  # images timed one at a time for the cost of a cache miss
+MISS_SAMPLES = 8  # images timed, in the cache's batches, for the cost of a cache miss
 COUNTS = [  # steps and images only; the random init costs what the ImageNet one does
     "data.workers=0", "classify.epochs=1", "classify.contrastive_from_epoch=0", "classify.log_every=1",
     "classify.pretrained=false", "segment.pretrained=false", "segment.iters=3", "segment.val_every=0",
@@ -159,11 +159,11 @@ def _stage(stage: str, overrides: list[str], from_run: str | None) -> dict[str, 
 @torch.inference_mode()
 def _miss_cost(cache: localize.FeatureCache) -> dict[str, Any]:
     """What a cache miss costs (loading, squashing and the backbone for one image, as the cache
-    computes it; the mean of a few) and the shape of one image's features; with the run's hits
-    and misses and its peak bytes."""
+    computes it: in batches of localize.feature_batch; the mean of a few) and the shape of one
+    image's features; with the run's hits and misses and its peak bytes."""
     images = [i % len(cache.samples) for i in range(MISS_SAMPLES)]
     start = time.perf_counter()
-    features = torch.cat([cache.compute([i]) for i in images])
+    features = cache.compute(images)
     return {"miss_s": (time.perf_counter() - start) / len(images), "feature_shape": tuple(features.shape[1:]),
             "hits": cache.hits, "misses": cache.misses, "cache_peak": cache.peak}
 

@@ -110,6 +110,7 @@ class LocalizeCfg(Section):
     self_pairs: bool = True
     gate: float = 0.1  # a map joins the fusion only if sigmoid(its mean score) > gate
     batch_size: int = Field(8, ge=1)
+    feature_batch: int = Field(8, ge=1)  # images per backbone forward of the feature cache, always this many
     cache_mb: int = Field(512, ge=0)  # feature cache budget
     previews: bool = False  # also write PNG heat maps
 

@@ -8,27 +8,39 @@ approximates it is not quite order-free, so outputs differ by < 1% of a probabil
 (tests/test_crf.py measures it).
 
 The CRF is CPU-bound and single-threaded, so images run in parallel worker processes
-(`crf_map`): at full size it, not the network, is what evaluation waits for.
+(`crf_map`): at full size it, not the network, is what evaluation waits for. Images and
+probabilities reach the workers through shared memory, and only label maps are pickled back.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import select
+import shutil
 import sys
+import threading
+import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_all_start_methods, get_context
 from multiprocessing.context import BaseContext
+from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from mcis_cli.errors import McisError
 
 if TYPE_CHECKING:
     from mcis_cli.config import CrfCfg
 
 EPS = 1e-4  # probability floor of the unary [code eval_res.py]
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+SHM_PREFIX = "mcis-crf"  # segments are named mcis-crf-<pid>-<random>: whose a leftover is, at a glance
+SHM_DIR = "/dev/shm"
 
 
 def _kernels(params: CrfCfg) -> dict[str, float]:
@@ -64,8 +76,112 @@ def _task(image: np.ndarray, probs: np.ndarray, k: dict[str, float], argmax: boo
     return q.argmax(0).astype(np.uint8) if argmax else q
 
 
+# ---- shared memory: what carries an image and its probabilities to a worker ------------------
+@dataclass(frozen=True)
+class Slot:
+    """Where one image and its probabilities lie in a shared-memory segment: the probabilities as
+    float32 first (aligned, and what `_dense_crf` casts them to anyway), then the uint8 image. The
+    refined probabilities go back over the first part, so only label maps are ever pickled."""
+
+    name: str
+    probs: tuple[int, ...]
+    image: tuple[int, ...]
+
+    def views(self, buf: memoryview) -> tuple[np.ndarray, np.ndarray]:
+        probs = np.ndarray(self.probs, np.float32, buf)
+        return probs, np.ndarray(self.image, np.uint8, buf, offset=probs.nbytes)
+
+
+def shm_room(need: int, folder: str = SHM_DIR) -> None:
+    """Refuse a segment /dev/shm has no room for: writing past a full tmpfs kills the process
+    with SIGBUS, not an error (Docker gives containers 64 MB unless told otherwise)."""
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else need
+    if free < need:
+        raise McisError(f"dense CRF: {folder} has {free / 2**20:.0f} MB free, "
+                        f"an image needs {need / 2**20:.0f} MB there; give it more (docker: --shm-size) "
+                        "or set evaluate.jobs=1")
+
+
+class Segments:
+    """The shared-memory segments of one `crf_map` call: one per image in flight, reused (their
+    pages are touched once) and replaced by a larger one when an image needs more. `close`
+    unlinks every one; if the process is killed first, multiprocessing's resource tracker does."""
+
+    def __init__(self) -> None:
+        self.free: list[SharedMemory] = []
+        self.made: dict[str, SharedMemory] = {}
+
+    def put(self, image: np.ndarray, probs: np.ndarray) -> Slot:
+        """Copy (image, probs) into a free segment and say where they lie."""
+        shm = self._segment(4 * probs.size + image.size)
+        slot = Slot(shm.name, probs.shape, image.shape)
+        shared_probs, shared_image = slot.views(shm.buf)
+        shared_probs[...], shared_image[...] = probs, image
+        return slot
+
+    def _segment(self, need: int) -> SharedMemory:
+        """A free segment of at least `need` bytes: one that fits, else a new one in place of a
+        free one too small, so there are never more segments than images in flight."""
+        fits = [shm for shm in self.free if shm.size >= need]
+        if fits:
+            self.free.remove(fits[0])
+            return fits[0]
+        if self.free:
+            self._unlink(self.free.pop())
+        shm_room(need)
+        shm = SharedMemory(f"{SHM_PREFIX}-{os.getpid()}-{secrets.token_hex(4)}", create=True, size=need)
+        self.made[shm.name] = shm
+        return shm
+
+    def take(self, slot: Slot) -> np.ndarray:
+        """The refined probabilities a worker wrote over `slot`'s; frees the segment."""
+        q = np.array(slot.views(self.made[slot.name].buf)[0])
+        self.release(slot)
+        return q
+
+    def release(self, slot: Slot) -> None:
+        self.free.append(self.made[slot.name])
+
+    def close(self) -> None:
+        for shm in list(self.made.values()):
+            self._unlink(shm)
+
+    def _unlink(self, shm: SharedMemory) -> None:
+        del self.made[shm.name]
+        shm.close()
+        shm.unlink()
+
+
+def _shared_task(slot: Slot, k: dict[str, float], argmax: bool) -> np.ndarray | None:
+    """A worker's task: the CRF on the image and probabilities in `slot`; label maps come back
+    pickled (H x W bytes), refined probabilities in place (None)."""
+    shm = SharedMemory(slot.name)
+    try:
+        return _in_place(slot, shm.buf, k, argmax)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # no view of the segment outlives its unmapping
+        raise
+    finally:
+        shm.close()
+
+
+def _in_place(slot: Slot, buf: memoryview, k: dict[str, float], argmax: bool) -> np.ndarray | None:
+    probs, image = slot.views(buf)
+    q = _task(image, probs, k, argmax)
+    if argmax:
+        return q
+    probs[...] = q
+    return None
+
+
+def _start_worker(parent: int) -> None:
+    """Worker initializer: one thread, and an end with the process that started the pool."""
+    _single_thread()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
 def _single_thread() -> None:
-    """Worker initializer: one thread each, so `jobs` workers use `jobs` cores.
+    """One thread per worker, so `jobs` workers use `jobs` cores.
 
     pydensecrf is built without OpenMP and numpy ufuncs are serial; this caps any thread pool
     started later, and torch's if the parent's main module brought it in.
@@ -74,6 +190,20 @@ def _single_thread() -> None:
         os.environ[var] = "1"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+
+
+def _exit_with(pid: int) -> None:
+    """End this process when process `pid` ends (Linux >= 5.3; elsewhere, nothing). A worker
+    whose parent was killed would wait for tasks for ever, and keep the fork server, the resource
+    tracker and so the parent's shared-memory segments alive; once it is gone, the tracker
+    unlinks them."""
+    try:
+        select.select([os.pidfd_open(pid)], [], [])
+    except ProcessLookupError:
+        pass
+    except (AttributeError, OSError):
+        return
+    os._exit(1)
 
 
 def _context() -> BaseContext:
@@ -94,19 +224,37 @@ def crf_map(
     """`dense_crf` over (image, probs) pairs, lazily and in input order, in `jobs` processes.
 
     At most 2 x jobs images are in flight, so a long split streams through in bounded memory
-    and the caller's inference overlaps the CRF. `argmax=True` returns uint8 label maps, which
-    are C x 4 times cheaper to send back than probabilities. jobs=1 runs in this process.
+    and the caller's inference overlaps the CRF. Each goes to its worker through shared memory,
+    not a pipe: pickling 21 x H x W probabilities cost more than a worker's share of a core.
+    `argmax=True` returns uint8 label maps, which are C x 4 times smaller than probabilities.
+    jobs=1 runs in this process.
     """
     k = _kernels(params)
     if jobs <= 1:
         for image, probs in items:
             yield _task(image, probs, k, argmax)
         return
-    with ProcessPoolExecutor(jobs, mp_context=_context(), initializer=_single_thread) as pool:
-        pending = deque()
+    segments = Segments()
+    pool = ProcessPoolExecutor(jobs, mp_context=_context(), initializer=_start_worker,
+                               initargs=(os.getpid(),))
+    pending: deque[tuple[Future, Slot]] = deque()
+    try:
         for image, probs in items:
-            pending.append(pool.submit(_task, image, probs, k, argmax))
+            slot = segments.put(image, probs)
+            pending.append((pool.submit(_shared_task, slot, k, argmax), slot))
             if len(pending) >= 2 * jobs:
-                yield pending.popleft().result()
+                yield _collect(*pending.popleft(), segments)
         while pending:
-            yield pending.popleft().result()
+            yield _collect(*pending.popleft(), segments)
+    finally:
+        pool.shutdown(cancel_futures=True)  # no worker still reads a segment when it is unlinked
+        segments.close()
+
+
+def _collect(future: Future, slot: Slot, segments: Segments) -> np.ndarray:
+    """A task's result: its label map, or the refined probabilities it left in the segment."""
+    labels = future.result()
+    if labels is None:
+        return segments.take(slot)
+    segments.release(slot)
+    return labels

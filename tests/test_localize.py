@@ -11,7 +11,7 @@ import torch
 
 from mcis_cli import artifacts, checkpoints, engine, tracking
 from mcis_cli.config import load_config
-from mcis_cli.data import voc
+from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
 from mcis_cli.models.mcis import MCISNet
 from mcis_cli.stages import localize
@@ -87,7 +87,7 @@ def test_plan_draws_partners_of_the_class_deterministically(model_and_samples):
 @pytest.mark.parametrize("self_pairs,partners", [(True, 2), (False, 2), (True, 0)])
 def test_cached_maps_equal_naive_maps(model_and_samples, self_pairs, partners):
     model, samples = model_and_samples
-    cache = localize.FeatureCache(model, samples, SIZE, torch.device("cpu"), budget_mb=1)
+    cache = localize.FeatureCache(model, samples, SIZE, torch.device("cpu"), budget_mb=1, batch=4)
     cached = _maps(model, samples, partners=partners, self_pairs=self_pairs, batch_size=4, cache=cache)
     naive = _maps(model, samples, partners=partners, self_pairs=self_pairs, naive=True)
     assert cache.hits > 0 or not partners  # partners were reused, not recomputed
@@ -101,7 +101,7 @@ def test_cached_maps_equal_naive_maps(model_and_samples, self_pairs, partners):
 def test_tiny_cache_evicts_and_still_gives_the_same_maps(model_and_samples):
     model, samples = model_and_samples
     big = localize.FeatureCache(model, samples, SIZE, torch.device("cpu"), budget_mb=64)
-    tiny = localize.FeatureCache(model, samples, SIZE, torch.device("cpu"), budget_mb=0)
+    tiny = localize.FeatureCache(model, samples, SIZE, torch.device("cpu"), budget_mb=0, batch=4)
     a = _maps(model, samples, cache=big, batch_size=4)
     b = _maps(model, samples, cache=tiny, batch_size=4)
     assert not tiny.store and tiny.misses > big.misses
@@ -124,6 +124,66 @@ def test_cache_stays_within_its_budget_and_evicts_the_least_recently_used():
     assert list(cache.store) == [3, 4] and cache.bytes == 2 * 2**21
     cache.get([4, 0])
     assert list(cache.store) == [4, 0] and (cache.hits, cache.misses) == (3, 6)
+
+
+def test_padded_appends_zero_rows_up_to_the_batch():
+    x = torch.ones(2, 3)
+    assert torch.equal(localize.padded(x, 4), torch.tensor([[1.0] * 3] * 2 + [[0.0] * 3] * 2))
+    assert localize.padded(x, 2) is x
+
+
+def test_fixed_batches_run_every_batch_at_one_shape_and_return_the_real_rows():
+    shapes = []
+
+    def forward(x):
+        shapes.append(tuple(x.shape))
+        return 2 * x
+
+    x = torch.arange(10.0).reshape(5, 2)
+    out = localize.fixed_batches(forward, x, 4)
+    assert shapes == [(4, 2), (4, 2)]  # the last batch, one row, padded to four
+    assert torch.equal(out, 2 * x)
+
+
+def test_rows_independent_catches_a_forward_that_mixes_rows_or_reads_positions():
+    x = torch.randn(4, 3)
+    assert localize.rows_independent(lambda b: b.exp(), x)
+    assert not localize.rows_independent(lambda b: b + b.mean(0), x)  # as BatchNorm in training mode
+    assert not localize.rows_independent(lambda b: b + torch.arange(len(b))[:, None], x)
+
+
+def test_an_images_features_are_the_same_bits_alone_among_strangers_anywhere_and_after_a_resume(
+        model_and_samples):
+    model, samples = model_and_samples
+
+    def features(asked, index, batch=4):
+        cache = localize.FeatureCache(model, samples, SIZE, torch.device("cpu"), 64, batch=batch)
+        return cache.get(asked)[asked.index(index)]
+
+    alone = features([3], 3)  # with three rows of padding
+    assert torch.equal(features([7, 1, 3, 9, 0], 3), alone)  # third of a batch of strangers
+    assert torch.equal(features([0, 1, 2, 4, 5, 6, 7, 8, 9, 3], 3), alone)  # last, in the third batch
+    assert torch.equal(features([2, 3], 3), alone)  # a new cache: another shard, a resumed start
+
+
+def test_a_device_that_mixes_the_rows_of_a_batch_falls_back_to_one_image_at_a_time(
+        model_and_samples, monkeypatch):
+    _, samples = model_and_samples
+    notes = []
+    monkeypatch.setattr(localize, "note", notes.append)
+
+    class Mixing(torch.nn.Module):
+        def features(self, x):
+            return x[:, :, ::8, ::8] + x.mean(0)[:, ::8, ::8]
+
+    cache = localize.FeatureCache(Mixing(), samples, SIZE, torch.device("cpu"), 64, batch=4)
+    got = cache.get([0, 1, 2])
+    assert cache.batch == 1 and len(notes) == 1 and "one at a time" in notes[0]
+    for i, feature in enumerate(got):
+        x = localize.view(transforms.load_image(samples[i].image), SIZE)[None]
+        assert torch.equal(feature, Mixing().features(x)[0])
+    cache.get([3, 4])
+    assert len(notes) == 1  # checked once
 
 
 def test_same_inputs_give_identical_maps(model_and_samples, tmp_path):
@@ -178,7 +238,7 @@ def _classify_run(cfg, tmp_path: Path, num_classes: int, method: str = "mcis") -
 
 def _sets(toy_root, tmp_path) -> list[str]:
     return ["name=loctest", "device=cpu", f"output_dir={tmp_path / 'runs'}", f"data.root={toy_root}",
-            "localize.partners=1", "localize.batch_size=8", "tracking.flush_every=1"]
+            "localize.partners=1", "localize.batch_size=8", "localize.feature_batch=4", "tracking.flush_every=1"]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +36,11 @@ from mcis_cli.data import transforms, voc
 from mcis_cli.data.pairs import PairSampler
 from mcis_cli.errors import McisError
 from mcis_cli.models.mcis import VIEW_SCALES, MCISNet
+from mcis_cli.progress import note
 from mcis_cli.stages import StageResult
 
 OVERLAYS = 8
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ---- the fusion rule (§2.8 step 3) -----------------------------------------------------------
@@ -139,20 +141,49 @@ def candidates(items: Sequence[Item], self_maps: torch.Tensor | None, cross: Seq
 
 
 # ---- the feature cache and the two computation paths ----------------------------------------
+def padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with rows of zeros appended up to `rows` rows."""
+    return torch.cat([x, x.new_zeros(rows - len(x), *x.shape[1:])]) if len(x) < rows else x
+
+
+def fixed_batches(forward: Forward, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """`forward` over the rows of x (one shape) in batches of exactly `batch` rows, the last one
+    padded: a kernel may round differently at another batch shape (PyTorch's CPU convolutions
+    take another code path for a batch of one), not at the same one, so what a row gives does
+    not depend on how many rows came with it (`rows_independent` checks the rest)."""
+    out = []
+    for s in range(0, len(x), batch):
+        part = x[s : s + batch]
+        out.append(forward(padded(part, batch))[: len(part)])
+    return torch.cat(out)
+
+
+def rows_independent(forward: Forward, x: torch.Tensor) -> bool:
+    """Whether `forward` gives each row of the full batch x its own result, bit for bit: the
+    same with the rows in reverse order and with the first row among zeros. A kernel that mixes
+    rows or works by position (some GPU algorithms may) fails it."""
+    out = forward(x)
+    reversed_rows = forward(x.flip(0)).flip(0)
+    alone = forward(padded(x[:1], len(x)))[:1]
+    return torch.equal(out, reversed_rows) and torch.equal(out[:1], alone)
+
+
 class FeatureCache:
     """Backbone features of training images at the classifier size, LRU-bounded in bytes: old
     entries are evicted before a new one is stored, so `bytes` (and `peak`) never pass the budget.
     The features of one `get` call are held by its caller beyond the budget until it drops them.
 
-    Each image's features are computed on their own (a batch of one): a kernel's rounding depends
-    on the batch shape, so this keeps them the same whatever was asked for with them (another
-    shard, a resumed start, another batch size), and a miss costs one image, not a batch.
+    Misses are computed in batches of exactly `batch` images (`fixed_batches`), so an image's
+    features are the same bits whatever was asked for with them (another shard, a resumed start,
+    another chunk). The first batch is checked (`rows_independent`); on a device where a row's
+    result depends on its batch the cache says so once and computes one image at a time.
     """
 
     def __init__(self, model: MCISNet, samples: Sequence[voc.Sample], size: int,
-                 device: torch.device, budget_mb: int):
+                 device: torch.device, budget_mb: int, batch: int = 1):
         self.model, self.samples, self.size, self.device = model, samples, size, device
         self.budget = budget_mb * 2**20
+        self.batch, self.checked = batch, batch == 1
         self.store: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.bytes = self.peak = 0
         self.hits = self.misses = 0
@@ -166,16 +197,26 @@ class FeatureCache:
         missing = [i for i in dict.fromkeys(indices) if i not in found]
         self.hits += len(indices) - len(missing)
         self.misses += len(missing)
-        for i in missing:
-            found[i] = self.compute([i])[0].clone()
-            self._put(i, found[i])
+        for s in range(0, len(missing), self.batch):
+            group = missing[s : s + self.batch]
+            for i, feature in zip(group, self.compute(group), strict=True):
+                found[i] = feature.clone()  # not a view that keeps the whole batch alive
+                self._put(i, found[i])
         return [found[i] for i in indices]
 
     def compute(self, indices: Sequence[int]) -> torch.Tensor:
         """The features (B, C, h, w) of these training images (the benchmark replaces it to replay
         a VOC-sized access pattern without the network)."""
         x = torch.stack([view(transforms.load_image(self.samples[i].image), self.size) for i in indices])
-        return self.model.features(x.to(self.device))
+        x = x.to(self.device)
+        if not self.checked:
+            self.checked = True
+            if not rows_independent(self.model.features, padded(x[: self.batch], self.batch)):
+                note(f"warning: localize: on {self.device} an image's features in a batch of {self.batch} "
+                     "depend on the other images of the batch; computing them one at a time "
+                     "(localize.feature_batch=1 does so without this check)")
+                self.batch = 1
+        return fixed_batches(self.model.features, x, self.batch)
 
     def _put(self, index: int, feature: torch.Tensor) -> None:
         size = feature.numel() * feature.element_size()
@@ -189,13 +230,6 @@ class FeatureCache:
         self.peak = max(self.peak, self.bytes)
 
 
-def _batched_features(model: MCISNet, tensors: Sequence[torch.Tensor], device, batch_size: int) -> torch.Tensor:
-    return torch.cat([
-        model.features(torch.stack(tensors[s : s + batch_size]).to(device))
-        for s in range(0, len(tensors), batch_size)
-    ])
-
-
 def cached_candidates(model: MCISNet, items: Sequence[Item], images: Sequence[np.ndarray],
                       cache: FeatureCache, self_pairs: bool, batch_size: int):
     """Fusion inputs for a chunk of items: features from the cache, pair heads in batches."""
@@ -204,7 +238,7 @@ def cached_candidates(model: MCISNet, items: Sequence[Item], images: Sequence[np
     self_maps = None
     if self_pairs:
         views = list(zip(*(self_views(image, cache.size) for image in images), strict=True))
-        fv = [_batched_features(model, list(v), device, batch_size) for v in views]
+        fv = [fixed_batches(model.features, torch.stack(v).to(device), batch_size) for v in views]
         self_maps = torch.cat([
             self_pair_maps(model, f[s : s + batch_size], [v[s : s + batch_size] for v in fv])
             for s in range(0, len(items), batch_size)
@@ -297,8 +331,8 @@ def _work(item: Item) -> int:
 def _memory(cfg: Config) -> tuple[str, str]:
     lc = cfg.localize
     size = f"{lc.input_size} px" if lc.input_size else "the classifier's size"
-    return (f"batches of {lc.batch_size} at {size} with a {lc.cache_mb} MB feature cache",
-            "localize.batch_size or localize.cache_mb")
+    return (f"batches of {lc.batch_size} at {size} with a {lc.cache_mb} MB feature cache filled "
+            f"{lc.feature_batch} images at a time", "localize.batch_size, localize.feature_batch or localize.cache_mb")
 
 
 STAGE = engine.Stage("localize", reads=("classify",), sections=("localize", "quality"), memory=_memory)
@@ -320,7 +354,7 @@ def run(cfg: Config, from_run: str | None = None, resume: str | None = None,
     lc, root, thresholds = cfg.localize, cfg.data.root, cfg.quality.bg_sweep
     size = lc.input_size or int(meta["input_size"])
     items = plan(samples, lc.partners if lc.method == "mcis" else 0, cfg.seed)
-    cache = FeatureCache(model, samples, size, job.device, lc.cache_mb)
+    cache = FeatureCache(model, samples, size, job.device, lc.cache_mb, lc.feature_batch)
 
     with job.open():
         maps_dir, previews_dir = job.folder / artifacts.MAPS, job.folder / artifacts.MAP_PREVIEWS
