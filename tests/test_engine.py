@@ -57,7 +57,7 @@ def _cfg(store: Path, name: str, **localize) -> Config:
 
 
 def _runs(cfg: Config) -> list:
-    mlc = MlflowClient()
+    mlc = MlflowClient(tracking.tracking_uri())
     return mlc.search_runs([tracking.experiment_id(tracking.client(cfg), cfg)],
                            order_by=["attributes.start_time ASC"])
 
@@ -135,7 +135,7 @@ def test_every_run_logs_its_dataset_and_system_metrics(store):
     cfg = _cfg(store, "engine-inputs").replace(tracking={"system_metrics": 0.2})
     with engine.stage_run(cfg, "localize") as tracker:
         time.sleep(1.0)  # a few samples
-    run = MlflowClient().get_run(tracker.run_id)
+    run = MlflowClient(tracking.tracking_uri()).get_run(tracker.run_id)
     [given] = run.inputs.dataset_inputs
     assert given.dataset.name == "voc" and given.dataset.digest == run.data.tags["mcis.dataset_fingerprint"]
     assert json.loads(given.dataset.source)["uri"] == str(Path(cfg.data.root).resolve())
@@ -146,4 +146,4 @@ def test_every_run_logs_its_dataset_and_system_metrics(store):
     quiet = cfg.replace(tracking={"system_metrics": 0})
     with engine.stage_run(quiet, "localize") as tracker:
         time.sleep(0.5)
-    assert not [k for k in MlflowClient().get_run(tracker.run_id).data.metrics if k.startswith("system/")]
+    assert not [k for k in MlflowClient(tracking.tracking_uri()).get_run(tracker.run_id).data.metrics if k.startswith("system/")]

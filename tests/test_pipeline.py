@@ -85,7 +85,7 @@ def test_pipeline_runs_every_stage_then_resumes_after_a_failure(tmp_path, toy_ro
     monkeypatch.setattr(export, "run", broken_export)
     result = CliRunner().invoke(app, ["pipeline", "--config", str(config)])
     assert result.exit_code != 0
-    mlc = MlflowClient(tracking.tracking_uri())
+    mlc = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())  # never an earlier test's registry
     [failed] = _pipeline_runs(mlc, "e2e")
     assert failed.info.status == "FAILED"
     before = {name: run.info.run_id for name, run in _children(mlc, failed.info.run_id).items()}
