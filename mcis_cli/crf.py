@@ -207,9 +207,10 @@ def _exit_with(pid: int) -> None:
 
 
 def _context() -> BaseContext:
-    """Workers forked from a fork server that has only numpy and pydensecrf loaded: they start in
-    milliseconds once the server is up (it outlives the pool), inherit none of the parent's
-    torch/OpenMP threads, and never re-import the caller's main module as spawned workers do. Spawn where there is no fork server (Windows)."""
+    """Workers forked from a fork server that has only numpy and pydensecrf loaded: they start
+    without the parent's torch/OpenMP threads, in milliseconds once the server is up (it outlives
+    the pool) plus the import of the caller's main module that every worker makes (for the `mcis`
+    command, about 0.25 s at the pool's start). Spawn where there is no fork server (Windows)."""
     if "forkserver" not in get_all_start_methods():
         return get_context("spawn")
     context = get_context("forkserver")
