@@ -339,7 +339,8 @@ class Job:
 
 
 class Records:
-    """The records `Job.map` kept, read back one at a time in item order."""
+    """The records `Job.map` kept, read back from their files in item order; `summed` and
+    `listed` read each file once for all the fields asked."""
 
     def __init__(self, folder: Path, keys: list[str], computed: int):
         self.folder, self.keys, self.computed = folder, keys, computed
@@ -347,19 +348,31 @@ class Records:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def get(self, key: str) -> dict[str, np.ndarray]:
+        with np.load(self.folder / f"{key}.npz") as data:
+            return dict(data)
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for k in self.keys:
-            with np.load(self.folder / f"{k}.npz") as data:
-                yield dict(data)
+        return map(self.get, self.keys)
 
-    def total(self, field: str, default: Any = 0) -> Any:
-        """The sum of `field` over the records that have it (arrays element-wise), else `default`."""
-        found = [r[field] for r in self if field in r]
-        return sum(found[1:], found[0].copy()) if found else default
+    def summed(self, *fields: str) -> list[Any]:
+        """Each field's sum over the records that have it (arrays element-wise, in item order),
+        None where no record has it."""
+        sums: list[Any] = [None] * len(fields)
+        for record in self:
+            for i, field in enumerate(fields):
+                if field in record:
+                    sums[i] = record[field].copy() if sums[i] is None else sums[i] + record[field]
+        return sums
 
-    def values(self, field: str) -> list[np.ndarray]:
-        """`field` of every record that has it, in item order."""
-        return [r[field] for r in self if field in r]
+    def listed(self, *fields: str) -> list[list[np.ndarray]]:
+        """Each field's values, in item order, from the records that have it."""
+        lists: list[list[np.ndarray]] = [[] for _ in fields]
+        for record in self:
+            for values, field in zip(lists, fields, strict=True):
+                if field in record:
+                    values.append(record[field])
+        return lists
 
 
 @contextmanager

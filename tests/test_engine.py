@@ -44,7 +44,7 @@ def count(cfg: Config, stop_after: int | None = None, resume: str | None = None,
                 yield item, {"value": len(item) * cfg.localize.partners}
 
         records = job.map("count", ITEMS, process, key=lambda item: item, chunk=2)
-        total = float(records.total("value"))
+        total = float(records.summed("value")[0])
         job.report(lambda log: log.log_metrics({"total": total, "computed": records.computed}))
     return job.result({"total": total, "computed": records.computed})
 
@@ -110,9 +110,11 @@ def test_records_sum_arrays_and_read_back_in_item_order(tmp_path):
     np.savez(tmp_path / "a.npz", cm=np.array([[1, 2], [3, 4]]), n=1)
     np.savez(tmp_path / "b.npz", cm=np.array([[10, 0], [0, 10]]))
     assert [sorted(r) for r in records] == [["cm"], ["cm", "n"]]
-    np.testing.assert_array_equal(records.total("cm"), [[11, 2], [3, 14]])
-    assert records.total("n") == 1 and records.total("missing", None) is None
-    assert [int(v) for v in records.values("n")] == [1]
+    cm, n, missing = records.summed("cm", "n", "missing")
+    np.testing.assert_array_equal(cm, [[11, 2], [3, 14]])
+    assert n == 1 and missing is None
+    ns, cms = records.listed("n", "cm")
+    assert [int(v) for v in ns] == [1] and len(cms) == 2 and sorted(records.get("a")) == ["cm", "n"]
 
 
 def test_best_threshold_passes_over_a_nan_point_and_takes_the_lowest_on_a_tie():

@@ -73,7 +73,7 @@ def _tally(job: engine.Job, label: str, samples: Sequence[voc.Sample], pairs, nu
            shown: set[str], masks_dir: Path | None, ignore_pred: bool = False) -> tuple:
     """Confusion matrix of the (sample, gt, pred, extra record) that `pairs(samples)` yields, with
     the masks written when asked. Returns (cm, overlays of the `shown` images, fraction of pixels
-    predicted 255), and the records, which also hold each `extra`."""
+    predicted 255), and the sum of the `plain` matrices that `pairs` may give as its extra record."""
     def process(todo: list[voc.Sample]):
         for sample, gt, pred, extra in pairs(todo):
             record = {"cm": metrics.confusion_matrix(pred, gt, num_classes, ignore_pred=ignore_pred),
@@ -85,10 +85,12 @@ def _tally(job: engine.Job, label: str, samples: Sequence[voc.Sample], pairs, nu
             yield sample, record
 
     records = job.map(label, samples, process, key=lambda s: s.id, weight=_pixels)
-    overlays = [(transforms.load_image(s.image), voc.load_mask(job.cfg.data.root, s.id), r["pred"])
-                for s, r in zip(samples, records, strict=True) if s.id in shown]
-    cm = records.total("cm", np.zeros((num_classes, num_classes), np.int64))
-    return cm, overlays, int(records.total("ignored")) / max(int(records.total("pixels")), 1), records
+    overlays = [(transforms.load_image(s.image), voc.load_mask(job.cfg.data.root, s.id), records.get(s.id)["pred"])
+                for s in samples if s.id in shown]
+    cm, ignored, pixels, plain = records.summed("cm", "ignored", "pixels", "plain")
+    if cm is None:  # no image to score
+        cm, ignored, pixels = np.zeros((num_classes, num_classes), np.int64), 0, 0
+    return cm, overlays, int(ignored) / max(int(pixels), 1), plain
 
 
 # ---- the three scorers -------------------------------------------------------------------
@@ -121,13 +123,13 @@ def _score_segment(job: engine.Job, model, meta: dict, samples, names, shown, ma
             for _ in predictions(share):
                 yield waiting.popleft()
 
-    cm, overlays, _, records = _tally(job, "evaluate", samples, pairs, k, shown, masks_dir)
+    cm, overlays, _, plain = _tally(job, "evaluate", samples, pairs, k, shown, masks_dir)
     note = (f"Model predictions: scales {ev.scales}, flip {ev.flip}, window {ev.window or 'none'}, "
             f"{ev.upsample} upsampling"
             + (f", dense CRF {ev.crf_params.model_dump()}." if ev.crf else ", no CRF."))
     if not ev.crf:
         return Scored(cm, note, overlays=overlays)
-    before = metrics.scores(records.total("plain"), names)
+    before = metrics.scores(plain, names)
     after = metrics.scores(cm, names)["miou"]
     return Scored(
         cm,
@@ -162,7 +164,7 @@ def _score_maps(job: engine.Job, folder: Path, samples, names, shown, masks_dir)
             yield sample, quality.maps_record(maps, classes, voc.load_mask(root, sample.id), None, thresholds, k)
 
     records = job.map("sweep", samples, sweep, key=lambda s: s.id)
-    scored = quality.maps_scores(records.total("sweep"), None, names, thresholds)
+    scored = quality.maps_scores(records.summed("sweep")[0], None, names, thresholds)
     threshold = scored["threshold"]
 
     def at_best(share):

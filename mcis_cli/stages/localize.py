@@ -373,7 +373,8 @@ def run(cfg: Config, from_run: str | None = None, resume: str | None = None,
 
         records = job.map("localize", items, process, key=lambda item: item.sample.id, weight=_work,
                           chunk=lc.batch_size)
-        planes, empty = records.total("planes"), records.total("empty")
+        planes, empty, sweep, hot = records.summed("planes", "empty", "sweep", "hot")
+        planes, empty = (0, 0) if planes is None else (int(planes), int(empty))
         if planes and empty / planes > 0.5:  # issue #17 of the official repo: "maps all black"
             job.warn(f"warning: {empty} of {planes} maps are empty: the classifier gives no positive "
                  "evidence for the image's own classes; train classify longer")
@@ -385,9 +386,7 @@ def run(cfg: Config, from_run: str | None = None, resume: str | None = None,
         if cached["hits"] + cached["misses"]:
             result["maps/cache_hit_rate"] = cached["hits"] / (cached["hits"] + cached["misses"])
             result["maps/cache_peak_mb"] = peak / 2**20  # never above localize.cache_mb
-        sweep = records.total("sweep", None)
-        scored = None if sweep is None else quality.maps_scores(
-            sweep, records.total("hot", None), ["background", *names], thresholds)
+        scored = None if sweep is None else quality.maps_scores(sweep, hot, ["background", *names], thresholds)
         if scored is not None:
             result.update(metrics.mlflow_metrics(scored["curve"][scored["best"]], prefix="maps/"))
             result["maps/best_threshold"] = scored["threshold"]

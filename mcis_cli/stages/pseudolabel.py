@@ -193,20 +193,20 @@ def run(cfg: Config, from_run: str | None = None, resume: str | None = None,
                                strict=True)
 
         records = job.map("pseudolabel", samples, process, key=lambda s: s.id, weight=lambda s: 1 + len(s.labels))
-        pixels = int(records.total("pixels"))
+        pixels, ignored, cm, sweep_ignored, swept, overlap = records.summed(
+            "pixels", "ignored", "cm", "sweep_ignored", "sweep", "overlap")
+        pixels = 0 if pixels is None else int(pixels)
         result = {"pseudo/images": float(len(samples)),
-                  "pseudo/ignore_frac": int(records.total("ignored")) / max(pixels, 1)}
-        cm = records.total("cm", None)
+                  "pseudo/ignore_frac": (0 if ignored is None else int(ignored)) / max(pixels, 1)}
         if cm is not None:
             scores, means = quality.mask_scores(cm, names)
             result.update(metrics.mlflow_metrics(scores, prefix="pseudo/"))
             result.update({f"pseudo/{k}": v for k, v in means.items()})
-        overlaps = records.values("overlap")
-        if overlaps:
-            result.update(quality.saliency_scores(records.values("fmeasure"), records.values("mae"),
-                                                  np.sum(overlaps, axis=0)))
-        ignore_curve = (records.total("sweep_ignored", np.zeros(len(p.sweep), np.int64)) / max(pixels, 1)).tolist()
-        swept = records.total("sweep", None)
+        if overlap is not None:
+            result.update(quality.saliency_scores(*records.listed("fmeasure", "mae"), overlap))
+        if sweep_ignored is None:
+            sweep_ignored = np.zeros(len(p.sweep), np.int64)
+        ignore_curve = (sweep_ignored / max(pixels, 1)).tolist()
         miou_curve = [np.nan] * len(p.sweep) if swept is None else [metrics.scores(c, names)["miou"] for c in swept]
         job.report(lambda log: _report(log, cfg, samples, out_dir, names, cm, result, ignore_curve, miou_curve))
     return job.result({k: result[k] for k in HEADLINE if k in result}, {artifacts.PSEUDO: str(out_dir)})
