@@ -298,11 +298,20 @@ def pipeline(
         "--seeds", metavar="K,K,...",
         help="Run the whole pipeline once per embedded-data seed (data.synth.seed=K, data at "
              "<data.root>-seedK) under one `seeds` parent run; report each seed and mean ± std.")] = None,
+    methods: Annotated[str | None, typer.Option(
+        "--methods", metavar="A,B,...",
+        help="Compare these methods (cam, mcis, ...): each one's chain to its maps, then the same "
+             "pseudolabel, segment and evaluate steps, in one parent run with a per-method table.")] = None,
 ) -> None:
     """Every stage in order under one parent MLflow run, then the results table."""
+    from mcis_cli import methods as known
     from mcis_cli import pipeline as driver
 
     cfg = load_config(config, sets)
+    if methods is not None:
+        cfg = cfg.replace(pipeline={"methods": known.parse(methods)})
+    if ablation and cfg.pipeline.methods:
+        raise McisError("--ablation and --methods together: the ablation varies MCIS alone; run it without --methods")
     if seeds is None:
         driver.run(cfg, ablation=ablation)
         return

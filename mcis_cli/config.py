@@ -115,6 +115,23 @@ class LocalizeCfg(Section):
     previews: bool = False  # also write PNG heat maps
 
 
+class RuleOverrides(Section):
+    """A method's own pseudo-mask thresholds: the values it sets replace the section's (MCIS's)."""
+
+    background: Literal["saliency", "cam"] | None = None
+    att_thr: float | None = None
+    fg_thr: float | None = None
+    conflict: float | None = None
+    bg_thr: int | None = None
+    min_fg: float | None = None
+    cam_bg_power: float | None = None
+    cam_threshold: float | None = None
+
+
+# The method (a localization run's `mcis.method` tag) -> the PseudolabelCfg field of its own rule.
+METHOD_RULES = {"oaa": "oaa", "oaa+": "oaa"}
+
+
 class PseudolabelCfg(Section):
     background: Literal["saliency", "cam"] = "saliency"
     saliency: Literal["folder", "computed"] = "folder"  # folder = data.saliency_dir; computed: mcis_cli.saliency
@@ -129,12 +146,22 @@ class PseudolabelCfg(Section):
     cam_bg_power: float = 1.0  # cam background: (1 - max map) ** power
     cam_threshold: float = 0.3  # cam: foreground needs a map value above this
     sweep: list[float] = Field(default_factory=list)  # background thresholds to evaluate
+    oaa: RuleOverrides = Field(default_factory=lambda: RuleOverrides(conflict=0.9, att_thr=0.8))  # OAA, OAA+
 
     @model_validator(mode="after")
     def _fill_needs_binary(self) -> PseudolabelCfg:
         if self.fill_radius and self.binarize == "none":
             raise ValueError("fill_radius closes a binary map: set pseudolabel.binarize=adaptive too")
         return self
+
+    def for_method(self, method: str | None) -> PseudolabelCfg:
+        """The thresholds that apply to maps of `method`: the section's, with the method's own
+        rule over them where it has one."""
+        rule = METHOD_RULES.get(method or "")
+        if rule is None:
+            return self
+        own = getattr(self, rule).model_dump(exclude_none=True)
+        return self.model_validate(self.model_dump() | own)
 
 
 class SegmentCfg(Section):
@@ -280,6 +307,7 @@ class PipelineCfg(Section):
     """`mcis pipeline`: what runs beside the method itself."""
 
     baselines: bool = True  # also the plain-CAM baseline and the fully supervised ceiling
+    methods: list[str] = Field(default_factory=list)  # a comparison of these methods (empty: MCIS alone)
     compare_to: str | None = None  # experiment of the setting-1 pipeline that settings 2/3 report against
     ablation_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
 

@@ -255,6 +255,8 @@ class Job:
             "mlflow.source.git.commit": git_commit(),
             "mlflow.source.name": "mcis " + self.stage.name,
         }
+        if source and source.method:  # a stage that changes the method tags it (classify, localize, ...)
+            tags[tracking.METHOD_TAG] = source.method
         if self.parent:
             tags |= {"mlflow.parentRunId": self.parent.parent, tracking.STEP_TAG: self.parent.step,
                      **self.parent.tags}

@@ -18,7 +18,7 @@ import numpy as np
 from rich.rule import Rule
 from rich.table import Table
 
-from mcis_cli import engine, reporting, tracking
+from mcis_cli import engine, methods, reporting, tracking
 from mcis_cli.config import Config
 from mcis_cli.errors import McisError
 from mcis_cli.progress import out
@@ -26,11 +26,6 @@ from mcis_cli.stages import StageResult
 
 ABLATION_TAG = "mcis.ablation"
 DATA_SEED_TAG = "mcis.data_seed"  # the embedded tree's data.synth.seed
-
-
-def cam_baseline(cfg: Config) -> Config:
-    """The plain-CAM baseline of a config: the same classifier trained and read without co-attention."""
-    return cfg.replace(classify={"method": "cam"}, localize={"method": "cam"})
 
 
 def ensure_data(cfg: Config) -> None:
@@ -56,13 +51,19 @@ class Steps:
 
     def __init__(self, job: engine.Job):
         self.job, self.done = job, job.finished_steps()
+        self.ran: dict[str, StageResult] = {}  # this start's: a step two chains share runs once
 
     def __call__(self, name: str, call: Callable[[tracking.Nest], StageResult], **tags: str) -> StageResult:
+        if name in self.ran:
+            return self.ran[name]
         if name in self.done:
             self.job.print(f"[dim]{name}: reusing finished run {self.done[name].run_id}[/]")
-            return StageResult(self.done[name].run_id, self.done[name].metrics)
-        self.job.print(Rule(f"[bold]{name}"))
-        return call(tracking.Nest(self.job.run_id, name, tags))
+            result = StageResult(self.done[name].run_id, self.done[name].metrics)
+        else:
+            self.job.print(Rule(f"[bold]{name}"))
+            result = call(tracking.Nest(self.job.run_id, name, tags))
+        self.ran[name] = result
+        return result
 
 
 def method_steps(cfg: Config, step: Steps) -> dict[str, StageResult]:
@@ -78,13 +79,97 @@ def method_steps(cfg: Config, step: Steps) -> dict[str, StageResult]:
     r["export"] = step("export", lambda p: export.run(cfg, from_run=r["segment"].run_id, parent=p))
     if not cfg.pipeline.baselines:
         return r
-    cam = cam_baseline(cfg)
+    cam = methods.cam_config(cfg)
     r["classify_cam"] = step("classify_cam", lambda p: classify.run(cam, parent=p))
     r["localize_cam"] = step("localize_cam", lambda p: localize.run(cam, from_run=r["classify_cam"].run_id, parent=p))
     r["pseudolabel_cam"] = step("pseudolabel_cam", lambda p: pseudolabel.run(cam, from_run=r["localize_cam"].run_id, parent=p))
     r["segment_gt"] = step("segment_gt", lambda p: segment.run(cfg, labels="gt", parent=p))
     r["evaluate_gt"] = step("evaluate_gt", lambda p: evaluate.run(cfg, from_run=r["segment_gt"].run_id, parent=p))
     return r
+
+
+def comparison_steps(cfg: Config, step: Steps) -> dict[str, dict[str, StageResult]]:
+    """Each method's chain to its maps, then the steps every method shares; the supervised
+    ceiling once."""
+    from mcis_cli.stages import evaluate, segment
+
+    results = {name: shared_steps(cfg, name, methods.METHODS[name](cfg, step), step) for name in cfg.pipeline.methods}
+    gt = step("segment_gt", lambda p: segment.run(cfg, labels="gt", parent=p))
+    results["ceiling"] = {"evaluate": step("evaluate_gt", lambda p: evaluate.run(cfg, from_run=gt.run_id, parent=p))}
+    return results
+
+
+def shared_steps(cfg: Config, name: str, maps: StageResult, step: Steps) -> dict[str, StageResult]:
+    """From a method's maps on: its own pseudo-mask rule, then the one segmenter recipe and the one
+    evaluation (masks saved, for the figure)."""
+    from mcis_cli.stages import evaluate, pseudolabel, segment
+
+    tag = {tracking.METHOD_TAG: name}
+    scored = cfg.replace(evaluate={"save_masks": True})
+    masks = step(f"{name}/pseudolabel", lambda p: pseudolabel.run(cfg, from_run=maps.run_id, parent=p), **tag)
+    model = step(f"{name}/segment", lambda p: segment.run(cfg, from_run=masks.run_id, parent=p), **tag)
+    scores = step(f"{name}/evaluate", lambda p: evaluate.run(scored, from_run=model.run_id, parent=p), **tag)
+    return {"maps": maps, "pseudolabel": masks, "segment": model, "evaluate": scores}
+
+
+COMPARED = [  # (what, key, step, the step's metric) of every method
+    ("localization maps (train)", "maps_miou", "maps", "maps/miou"),
+    ("pseudo masks (train)", "pseudo_miou", "pseudolabel", "pseudo/miou"),
+    ("pseudo masks: precision", "pseudo_precision", "pseudolabel", "pseudo/precision"),
+    ("pseudo masks: recall", "pseudo_recall", "pseudolabel", "pseudo/recall"),
+    ("pseudo masks: share of pixels ignored", "pseudo_ignore_frac", "pseudolabel", "pseudo/ignore_frac"),
+    ("segmentation (val, no CRF)", "seg/miou_nocrf", "evaluate", "miou_nocrf"),
+    ("segmentation (val, CRF)", "seg/miou", "evaluate", "miou"),
+]
+PAIRED = ("maps_miou", "pseudo_miou", "seg/miou")  # the keys the seeds' paired differences compare
+
+
+def comparison_rows(names: list[str], results: dict[str, dict[str, StageResult]]) -> list[tuple[str, str, float | None]]:
+    """(what, `<method>/<key>`, value) for every method, then the ceiling: the comparison's table
+    and its parent run's metrics."""
+    def m(method: str, step: str, key: str) -> float | None:
+        found = results.get(method, {}).get(step)
+        return found.metrics.get(key) if found else None
+
+    ceiling = m("ceiling", "evaluate", "miou")
+    rows = []
+    for name in names:
+        prefix = methods.metric_prefix(name)
+        rows += [(f"{name}: {what}", f"{prefix}/{key}", m(name, step, metric)) for what, key, step, metric in COMPARED]
+        seg = m(name, "evaluate", "miou")
+        rows.append((f"{name}: fraction of the ceiling reached", f"{prefix}/ceiling_fraction",
+                     seg / ceiling if seg is not None and ceiling else None))
+    return [*rows, ("fully supervised ceiling (val, CRF)", "ceiling/miou", ceiling)]
+
+
+def comparison_table(names: list[str], rows: list[tuple[str, str, float | None]]) -> Table:
+    """One row a measure, one column a method."""
+    values = {key: value for _, key, value in rows}
+
+    def cell(key: str) -> str:
+        value = values.get(key)
+        return "-" if value is None else f"{value:.4f}"
+
+    measures = [(what, key) for what, key, *_ in COMPARED] + [("fraction of the ceiling reached", "ceiling_fraction")]
+    body = [(what, *(cell(f"{methods.metric_prefix(name)}/{key}") for name in names)) for what, key in measures]
+    body.append(("fully supervised ceiling (val, CRF)", *[cell("ceiling/miou")] * len(names)))
+    return reporting.table(("measure", *names), body, title="Methods compared on this dataset (mIoU unless named)")
+
+
+def comparison_figure(cfg: Config, names: list[str], results: dict[str, dict[str, StageResult]]):
+    """The MCIS paper's figure: rows of validation images, columns image | ground truth | each
+    method's segmentation (the masks its evaluate run saved)."""
+    from mcis_cli.data import transforms, voc
+    from mcis_cli.stages.evaluate import overlay_ids
+
+    samples = voc.split_samples(cfg.data.root, cfg.data.val_list)
+    shown = overlay_ids(samples, cfg.evaluate.overlays)
+    folders = {name: tracking.get_run(cfg, results[name]["evaluate"].run_id, "evaluate").fetch("masks") for name in names}
+    rows = [[transforms.load_image(s.image), voc.load_mask(cfg.data.root, s.id),
+             *(transforms.read_index_png(folders[name] / f"{s.id}.png") for name in names)]
+            for s in samples if s.id in shown]
+    return reporting.overlay_figure(rows, ["background", *voc.class_names(cfg.data.root)],
+                                    columns=("image", "ground truth", *names))
 
 
 def setting1_metrics(cfg: Config) -> dict[str, float] | None:
@@ -110,17 +195,27 @@ SEEDS = engine.Stage("seeds", sections=None)
 def run(cfg: Config, ablation: bool = False, parent: tracking.Nest | None = None) -> StageResult:
     """The pipeline's parent run (nested under `parent` when given) with the results table's
     values as its metrics."""
+    names = methods.check(cfg.pipeline.methods)
     job = engine.start(PIPELINE, cfg, parent=parent)
     job.first(lambda: ensure_data(cfg))
     started = time.time()
     tags = {DATA_SEED_TAG: str(cfg.data.synth.seed)} if cfg.data.synth else {}
+    if names:
+        tags["mcis.methods"] = ",".join(names)
     with job.open(tags=tags, run_name=f"pipeline {parent.step}" if parent else "pipeline"):
         step = Steps(job)
-        results = method_steps(cfg, step)
-        rows = result_rows(results, job.report(lambda log: setting1_metrics(cfg)), cfg.pipeline.compare_to)
+        if names:
+            results = comparison_steps(cfg, step)
+            rows = comparison_rows(names, results)
+            table = comparison_table(names, rows)
+        else:
+            results = method_steps(cfg, step)
+            rows = result_rows(results, job.report(lambda log: setting1_metrics(cfg)), cfg.pipeline.compare_to)
+            table = results_table(rows)
         summary = {key: value for _, key, value in rows if value is not None}
-        table = results_table(rows)
         job.report(lambda log: (log.log_metrics(summary, step=0), log.log_text(reporting.markdown(table), "results.md")))
+        if names:
+            job.report(lambda log: log.log_figure(comparison_figure(cfg, names, results), "comparison.png"))
         if ablation:
             ablation_table = run_ablation(cfg, step, results)
     job.print(table)
@@ -218,12 +313,20 @@ def run_seeds(cfg: Config, seeds: list[int]) -> dict[int, dict[str, float]]:
             job.print(Rule(f"[bold]data seed {seed}: {seeded_cfg.data.root}"))
             columns[seed] = run(seeded_cfg, parent=tracking.Nest(job.run_id, name)).metrics
         rows = seed_rows(cfg, columns)
-        table = seeds_table(rows, seeds)
+        table = seeds_table(rows, seeds, bool(cfg.pipeline.methods))
+        paired = paired_rows(cfg.pipeline.methods, columns)
         job.report(lambda log: (
             log.log_metrics({f"{r.key}_{what}": value for r in rows if r.mean is not None
                              for what, value in (("mean", r.mean), ("std", r.std))}, step=0),
             log.log_text(reporting.markdown(table), "seeds.md")))
+        if paired:
+            pairs_table = paired_table(paired, seeds)
+            job.report(lambda log: (
+                log.log_metrics({f"paired/{r.key}_mean_diff": r.mean for r in paired if r.mean is not None}, step=0),
+                log.log_text(reporting.markdown(pairs_table), "paired.md")))
     job.print(table)
+    if paired:
+        job.print(pairs_table)
     job.print(f"{len(seeds)} data seeds finished, parent run {job.run_id}")
     return columns
 
@@ -238,9 +341,13 @@ class SeedRow:
 
 
 def seed_rows(cfg: Config, columns: dict[int, dict[str, float]]) -> list[SeedRow]:
-    """The results table's rows, a value per data seed, with their mean and std."""
+    """The results table's rows (the comparison's with --methods), a value per data seed, with
+    their mean and std."""
     rows = []
-    for what, key, _ in result_rows({}, {} if cfg.pipeline.compare_to else None, cfg.pipeline.compare_to):
+    names = cfg.pipeline.methods
+    listed = comparison_rows(names, {}) if names else result_rows(
+        {}, {} if cfg.pipeline.compare_to else None, cfg.pipeline.compare_to)
+    for what, key, _ in listed:
         values = [column.get(key) for column in columns.values()]
         known = None not in values
         rows.append(SeedRow(what, key, values, float(np.mean(values)) if known else None,
@@ -248,14 +355,55 @@ def seed_rows(cfg: Config, columns: dict[int, dict[str, float]]) -> list[SeedRow
     return rows
 
 
-def seeds_table(rows: list[SeedRow], seeds: list[int]) -> Table:
-    def cell(value: float | None) -> str:
-        return "-" if value is None else f"{value:.4f}"
+def _cell(value: float | None, sign: str = "") -> str:
+    return "-" if value is None else f"{value:{sign}.4f}"
 
+
+def seeds_table(rows: list[SeedRow], seeds: list[int], compared: bool = False) -> Table:
+    what = "Methods compared" if compared else "MCIS"
     return reporting.table(
         ("stage", "metric", *(f"seed {seed}" for seed in seeds), "mean", "std"),
-        ((r.what, r.key, *map(cell, [*r.values, r.mean, r.std])) for r in rows),
-        title=f"MCIS over {len(seeds)} held-out data seeds (mIoU unless named)", left=2)
+        ((r.what, r.key, *map(_cell, [*r.values, r.mean, r.std])) for r in rows),
+        title=f"{what} over {len(seeds)} held-out data seeds (mIoU unless named)", left=2)
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    first: str
+    second: str
+    measure: str  # a PAIRED key
+    key: str  # metric-safe: <first>-<second>/<measure>
+    diffs: list[float | None]  # first - second, per data seed
+    mean: float | None  # None unless every seed has both
+
+    @property
+    def wins(self) -> tuple[int, int]:
+        """Seeds where the first is above the second, and where it is below."""
+        known = [d for d in self.diffs if d is not None]
+        return sum(d > 0 for d in known), sum(d < 0 for d in known)
+
+
+def paired_rows(names: list[str], columns: dict[int, dict[str, float]]) -> list[PairedRow]:
+    """Every pair of methods on the same data seeds: the difference per seed of each PAIRED
+    measure, its mean, and how many seeds go either way."""
+    rows = []
+    for measure in PAIRED:
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                a, b = (f"{methods.metric_prefix(n)}/{measure}" for n in (first, second))
+                diffs = [c[a] - c[b] if a in c and b in c else None for c in columns.values()]
+                mean = None if None in diffs else float(np.mean(diffs))
+                key = f"{methods.metric_prefix(first)}-{methods.metric_prefix(second)}/{measure}"
+                rows.append(PairedRow(first, second, measure, key, diffs, mean))
+    return rows
+
+
+def paired_table(rows: list[PairedRow], seeds: list[int]) -> Table:
+    return reporting.table(
+        ("measure", "first - second", *(f"seed {seed}" for seed in seeds), "mean", "first above", "first below"),
+        ((r.measure, f"{r.first} - {r.second}", *(_cell(d, "+") for d in [*r.diffs, r.mean]), *map(str, r.wins))
+         for r in rows),
+        title=f"Paired differences over {len(seeds)} data seeds (same seed, same images)", left=2)
 
 
 # ---- ablation -------------------------------------------------------------------------------
@@ -270,7 +418,7 @@ def ablation_variants(cfg: Config) -> list[Variant]:
     """The paper's component ablation, then the number of partners at test time."""
     off = {"coattention": False, "contrastive": False, "self_pairs": False}
     return [
-        Variant("cam", "plain CAM", cam_baseline(cfg)),
+        Variant("cam", "plain CAM", methods.cam_config(cfg)),
         Variant("coatt", "+ co-attention", cfg.replace(classify={**off, "coattention": True},
                                                     localize={"self_pairs": False})),
         Variant("contrast", "+ contrastive co-attention",
@@ -291,7 +439,7 @@ def run_ablation(cfg: Config, step: Steps, results: dict[str, StageResult]) -> T
 
     trained = {(cfg.classify.model_dump_json(), cfg.seed): results["classify"].run_id}
     if "classify_cam" in results:
-        trained[(cam_baseline(cfg).classify.model_dump_json(), cfg.seed)] = results["classify_cam"].run_id
+        trained[(methods.cam_config(cfg).classify.model_dump_json(), cfg.seed)] = results["classify_cam"].run_id
     variants = ablation_variants(cfg)
     scores: dict[str, dict[str, list[float]]] = {}
     for v in variants:

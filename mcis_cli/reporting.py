@@ -136,13 +136,13 @@ def overlay_grid(rows: Sequence[Sequence[np.ndarray]], height: int = 160, gap: i
     return grid
 
 
-def overlay_figure(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                   class_names: Sequence[str], height: int = 160, gap: int = 4,
-                   columns: Sequence[str] = ("image", "ground truth", "prediction")) -> Figure:
+def overlay_figure(rows: Sequence[Sequence[np.ndarray]], class_names: Sequence[str], height: int = 160,
+                   gap: int = 4, columns: Sequence[str] = ("image", "ground truth", "prediction")) -> Figure:
     """`overlay_grid` at its own pixel size, with the column titles above it and, below it, the
-    VOC colour of every class that appears in its masks (255 = ignored pixels)."""
+    VOC colour of every class that appears in its masks (every panel after the image; 255 =
+    ignored pixels)."""
     grid = overlay_grid(rows, height, gap)
-    shown = np.unique(np.concatenate([np.unique(m) for _, gt, pred in rows for m in (gt, pred)]))
+    shown = np.unique(np.concatenate([np.unique(m) for row in rows for m in row[1:]]))
     names = {i: name for i, name in enumerate(class_names)} | {255: "ignored"}
     legend_columns = max(1, min(len(shown), grid.shape[1] // 120))
     top, bottom = 24, 16 + 20 * -(-len(shown) // legend_columns)  # px: titles; legend rows

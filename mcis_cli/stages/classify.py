@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mcis_cli import artifacts, engine, training
+from mcis_cli import artifacts, engine, tracking, training
 from mcis_cli.config import ClassifyCfg, Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.data.pairs import PairSampler, shard
@@ -268,7 +268,7 @@ def run(cfg: Config, resume: str | None = None, parent: Nest | None = None) -> S
     trainer = Trainer(cfg, len(classes), job.device, imagenet=c.pretrained)
     val_loader = DataLoader(val_set, batch_size=c.batch_size, **training.loader_options(cfg, job.device))
 
-    with job.open(tags={"mcis.method": c.method}, params={"effective_batch": c.batch_size}):
+    with job.open(tags={tracking.METHOD_TAG: c.method}, params={"effective_batch": c.batch_size}):
         state = trainer.resume(job.resume_file(artifacts.LAST), _first_process_rng)
         first_epoch, step = (state["epoch"] + 1, state["global_step"]) if state else (0, 0)
         metrics, step = train(job, trainer, train_set, val_loader, first_epoch, step)

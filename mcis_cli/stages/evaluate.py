@@ -5,7 +5,7 @@
   always help;
 - a pseudolabel run: its masks, over the pixels they label (255 = ignore is left out, not
   counted as wrong), plus the fraction they leave unlabelled;
-- a localize run: its maps, over a sweep of background thresholds; `miou` is the best one.
+- a localize run (or another run of maps: artifacts.MAP_STAGES): its maps, over a sweep of background thresholds; `miou` is the best one.
 
 Runs are tagged with what was scored and where (mcis.scored_stage, mcis.split, mcis.crf), so a
 train pseudo-label mIoU is never taken for a val segmentation mIoU.
@@ -32,7 +32,7 @@ from mcis_cli.progress import out
 from mcis_cli.stages import StageResult
 from mcis_cli.tta import predict_probs
 
-STAGES = ("segment", "pseudolabel", "localize")
+STAGES = ("segment", "pseudolabel", *artifacts.MAP_STAGES)
 
 
 @dataclass
@@ -255,7 +255,7 @@ def _memory(cfg: Config) -> tuple[str, str]:
 
 
 STAGE = engine.Stage("evaluate", reads=("segment",), sections=("evaluate", "quality"), memory=_memory)
-SCORERS = {"segment": _score_segment, "pseudolabel": _score_pseudo, "localize": _score_maps}
+SCORERS = {"segment": _score_segment, "pseudolabel": _score_pseudo} | dict.fromkeys(artifacts.MAP_STAGES, _score_maps)
 
 
 @STAGE

@@ -23,14 +23,12 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcis_cli import artifacts, engine, metrics, quality, reporting, tracking
-from mcis_cli.artifacts import load_maps, map_file, save_maps, save_previews
+from mcis_cli import artifacts, engine, maprun, tracking
 from mcis_cli.config import Config
 from mcis_cli.data import transforms, voc
 from mcis_cli.data.pairs import PairSampler
@@ -39,7 +37,6 @@ from mcis_cli.models.mcis import VIEW_SCALES, MCISNet
 from mcis_cli.progress import note
 from mcis_cli.stages import StageResult
 
-OVERLAYS = 8
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -336,8 +333,6 @@ def _memory(cfg: Config) -> tuple[str, str]:
 
 
 STAGE = engine.Stage("localize", reads=("classify",), sections=("localize", "quality"), memory=_memory)
-HEADLINE = ("maps/miou", "maps/best_threshold", "maps/hot_on_part", "maps/hot_on_body", "maps/hot_off_object",
-            "maps/part_recall", "maps/body_recall")
 
 
 @STAGE
@@ -351,65 +346,25 @@ def run(cfg: Config, from_run: str | None = None, resume: str | None = None,
     names = voc.class_names(cfg.data.root)
     _check(cfg, meta, names)
     samples = voc.train_samples(cfg.data)
-    lc, root, thresholds = cfg.localize, cfg.data.root, cfg.quality.bg_sweep
+    lc = cfg.localize
     size = lc.input_size or int(meta["input_size"])
     items = plan(samples, lc.partners if lc.method == "mcis" else 0, cfg.seed)
     cache = FeatureCache(model, samples, size, job.device, lc.cache_mb, lc.feature_batch)
 
-    with job.open():
-        maps_dir, previews_dir = job.folder / artifacts.MAPS, job.folder / artifacts.MAP_PREVIEWS
-
+    with job.open(tags={tracking.METHOD_TAG: lc.method}):
         def process(todo: list[Item]):
-            for item, maps in compute_maps(model, todo, samples, size, method=lc.method, self_pairs=lc.self_pairs,
-                                           gate=lc.gate, batch_size=lc.batch_size, cache=cache, device=job.device):
-                save_maps(map_file(maps_dir, item.sample.id), maps, item.sample.labels)
-                if lc.previews:
-                    save_previews(previews_dir, item.sample.id, maps, item.sample.labels)
-                record = {"planes": len(maps), "empty": int((maps.reshape(len(maps), -1).max(1) <= 0).sum())}
-                if voc.mask_path(root, item.sample.id).is_file():  # scored as stored: float16
-                    record |= quality.maps_record(maps.astype(np.float16), item.sample.labels, voc.load_mask(root, item.sample.id),
-                                                  voc.load_parts(root, item.sample.id), thresholds, len(names) + 1)
-                yield item, record
+            for item, planes in compute_maps(model, todo, samples, size, method=lc.method, self_pairs=lc.self_pairs,
+                                             gate=lc.gate, batch_size=lc.batch_size, cache=cache, device=job.device):
+                yield item, maprun.save(cfg, job.folder, item.sample, planes, len(names) + 1)
 
         records = job.map("localize", items, process, key=lambda item: item.sample.id, weight=_work,
                           chunk=lc.batch_size)
-        planes, empty, sweep, hot = records.summed("planes", "empty", "sweep", "hot")
-        planes, empty = (0, 0) if planes is None else (int(planes), int(empty))
-        if planes and empty / planes > 0.5:  # issue #17 of the official repo: "maps all black"
-            job.warn(f"warning: {empty} of {planes} maps are empty: the classifier gives no positive "
-                 "evidence for the image's own classes; train classify longer")
+        result, scored = maprun.summary(job, records, ["background", *names])
         cached = job.combine({"hits": cache.hits, "misses": cache.misses})
         peak = job.combine({"peak": cache.peak}, how="max")["peak"]  # each process has its own budget
-        result = {"maps/images": float(len(items)), "maps/computed": float(records.computed)}
-        if planes:
-            result["maps/empty_frac"] = empty / planes
         if cached["hits"] + cached["misses"]:
             result["maps/cache_hit_rate"] = cached["hits"] / (cached["hits"] + cached["misses"])
             result["maps/cache_peak_mb"] = peak / 2**20  # never above localize.cache_mb
-        scored = None if sweep is None else quality.maps_scores(sweep, hot, ["background", *names], thresholds)
-        if scored is not None:
-            result.update(metrics.mlflow_metrics(scored["curve"][scored["best"]], prefix="maps/"))
-            result["maps/best_threshold"] = scored["threshold"]
-            result.update({f"maps/{key}": value for key, value in scored["hot"].items()})
-        job.report(lambda log: _report(log, cfg, items, maps_dir, previews_dir, result, scored))
-    return job.result({k: result[k] for k in HEADLINE if k in result} or result, {artifacts.MAPS: str(maps_dir)})
+        job.report(lambda log: maprun.report(log, cfg, samples, job.folder, result, scored))
+    return job.result(maprun.headline(result), {artifacts.MAPS: str(job.folder / artifacts.MAPS)})
 
-
-def _report(log: tracking.Tracker, cfg: Config, items: Sequence[Item], maps_dir: Path,
-            previews_dir: Path, result: dict[str, float], scored: dict | None) -> None:
-    """The sweep, the metrics, the maps and their overlays."""
-    if scored is not None:
-        for step, (t, s) in enumerate(zip(cfg.quality.bg_sweep, scored["curve"], strict=True)):
-            log.log_metrics({"maps/sweep_miou": s["miou"], "maps/sweep_threshold": t}, step=step)
-    log.log_metrics(result)
-    log.log_artifacts(maps_dir, artifacts.MAPS)
-    if cfg.localize.previews:
-        log.log_artifacts(previews_dir, artifacts.MAP_PREVIEWS)
-    rows = []
-    for item in items[:OVERLAYS]:
-        image = transforms.load_image(item.sample.image)
-        maps, _ = load_maps(map_file(maps_dir, item.sample.id))
-        heat = maps.astype(np.float32).max(0) if len(maps) else np.zeros(image.shape[:2], np.float32)
-        rows.append([image, reporting.heat_overlay(image, heat)])
-    if rows:
-        log.log_image(reporting.overlay_grid(rows), "maps_overlays")

@@ -168,7 +168,8 @@ def _check(cfg: Config) -> None:
                         "saliency maps); set it, or use --set pseudolabel.saliency=computed")
 
 
-STAGE = engine.Stage("pseudolabel", reads=("localize",), sections=("pseudolabel",))
+STAGE = engine.Stage("pseudolabel", reads=artifacts.MAP_STAGES, sections=("pseudolabel",))
+RULE = ("background", "att_thr", "fg_thr", "conflict", "bg_thr", "min_fg")  # logged as applied
 HEADLINE = ("pseudo/miou", "pseudo/precision", "pseudo/recall", "pseudo/ignore_frac", "saliency/fmeasure",
             "saliency/fg_iou")
 
@@ -176,15 +177,18 @@ HEADLINE = ("pseudo/miou", "pseudo/precision", "pseudo/recall", "pseudo/ignore_f
 @STAGE
 def run(cfg: Config, from_run: str | None = None, resume: str | None = None,
         parent: tracking.Nest | None = None) -> StageResult:
-    """A mask for every training image, images in parallel threads (the rules are numpy)."""
+    """A mask for every training image, images in parallel threads (the rules are numpy), by the
+    thresholds of the maps' method (`pseudolabel.oaa` for OAA's and OAA+'s maps)."""
+    job = engine.start(STAGE, cfg, from_run=from_run, resume=resume, parent=parent)
+    cfg = cfg.replace(pseudolabel=cfg.pseudolabel.for_method(job.source.method).model_dump())
     _check(cfg)
     p = cfg.pseudolabel
-    job = engine.start(STAGE, cfg, from_run=from_run, resume=resume, parent=parent)
     maps_dir = job.fetch(artifacts.MAPS)
     samples = voc.train_samples(cfg.data)
     names = ["background", *voc.class_names(cfg.data.root)]
 
-    with job.open():
+    rule = {f"rule.{k}": getattr(p, k) for k in RULE}
+    with job.open(params=rule):
         out_dir = job.folder / artifacts.PSEUDO
 
         def process(todo: list[voc.Sample]):

@@ -29,6 +29,7 @@ STAGE_TAG = "mcis.stage"
 SOURCE_TAG = "mcis.source_run"
 STEP_TAG = "mcis.step"  # a pipeline's name for the step a nested run is: classify, segment_gt, ...
 ROLE_TAG = "mcis.role"  # which chain a run belongs to: one of ROLES
+METHOD_TAG = "mcis.method"  # the method whose chain a run is part of: cam, oaa, oaa+, psa, mcis, ...
 METHOD, BASELINE, CEILING, ABLATION = "method", "baseline", "ceiling", "ablation"
 LABELS_TAG = "mcis.labels"  # set by segment: "gt" marks the fully supervised ceiling
 PROCESS_TAG = "mcis.process"  # "<host>:<pid>:<start>" of the process that has the run open
@@ -204,6 +205,10 @@ class SourceRun:
         if local.is_file():
             return local
         return self.fetch(artifact_path) if self.has(artifact_path) else None
+
+    @property
+    def method(self) -> str | None:
+        return self.tags.get(METHOD_TAG)
 
     @property
     def role(self) -> str:
