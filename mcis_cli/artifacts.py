@@ -30,6 +30,7 @@ MAPS = "maps"  # localize: <id>.npz per training image
 MAP_PREVIEWS = "maps_png"  # localize, localize.previews: <id>_<class>.png per map
 PSEUDO = "pseudo"  # pseudolabel: <id>.png per training image, 255 = ignored
 MAP_STAGES = ("localize",)  # the stages whose runs hold MAPS, pseudolabel's inputs
+MAP_STAGES = ("psa_cam", *MAP_STAGES, "refine")  # PSA's CAMs; the random walk's maps of any maps run
 
 
 # ---- localization maps -----------------------------------------------------------------------
@@ -37,16 +38,24 @@ def map_file(folder: Path, image_id: str) -> Path:
     return folder / f"{image_id}.npz"
 
 
-def save_maps(path: Path, maps: np.ndarray, classes: Sequence[int]) -> None:
-    """<id>.npz with `maps` float16 (n, H, W) and `classes` (0-based), written atomically."""
+def save_maps(path: Path, maps: np.ndarray, classes: Sequence[int], background: np.ndarray | None = None) -> None:
+    """<id>.npz with `maps` float16 (n, H, W) and `classes` (0-based), written atomically; with
+    `background` (H, W), a background plane too (the random walk's)."""
+    extra = {} if background is None else {"background": background.astype(np.float16)}
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, maps=maps.astype(np.float16), classes=np.asarray(classes, np.int64))
+        np.savez_compressed(handle, maps=maps.astype(np.float16), classes=np.asarray(classes, np.int64), **extra)
 
 
 def load_maps(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(maps (n, H, W) float16, classes (n,)) of a `save_maps` file."""
     with np.load(path) as data:
         return data["maps"], data["classes"]
+
+
+def load_background(path: Path) -> np.ndarray | None:
+    """The background plane (H, W) float16 of a `save_maps` file, None when it has none."""
+    with np.load(path) as data:
+        return data["background"] if "background" in data else None
 
 
 def save_previews(folder: Path, image_id: str, maps: np.ndarray, classes: Sequence[int]) -> None:
@@ -84,6 +93,28 @@ def load_classifier(source: SourceRun, device: torch.device) -> tuple[MCISNet, d
     meta = {k: v for k, v in state.items() if k != "state_dict"}
     meta.setdefault("input_size", source.config().classify.input_size)
     return model, meta
+
+
+def psa_file(model: nn.Module, kind: str, dataset: str, **meta: Any) -> dict[str, Any]:
+    """What PSA's stages load: a classifier or an AffinityNet, what rebuilds it, and the dataset
+    fingerprint (and class count) it was trained on, which `refine` checks."""
+    return {"state_dict": model.state_dict(), "kind": kind, "dataset": dataset, **meta}
+
+
+def load_psa(source: SourceRun, kind: str, device: torch.device) -> tuple[nn.Module, dict]:
+    """The `kind` ("classifier" or "affinity") model of a PSA run in eval mode, and its metadata."""
+    from mcis_cli.checkpoints import load_checkpoint
+    from mcis_cli.models.psa import AffinityNet, PSAClassifier
+
+    state = load_checkpoint(source.fetch(MODEL))
+    if state.get("kind") != kind:
+        raise McisError(f"run {source.run_id} holds no PSA {kind} model")
+    meta = {k: v for k, v in state.items() if k != "state_dict"}
+    arch = {k: meta[k] for k in ("width", "batch_norm", "blocks")}
+    model = (PSAClassifier(meta["num_classes"], **arch) if kind == "classifier" else
+             AffinityNet(**arch, radius=meta["radius"], fc6_dilation=meta["fc6_dilation"]))
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval(), meta
 
 
 def segmenter_file(model: nn.Module, seg: SegmentCfg, class_names: Sequence[str],

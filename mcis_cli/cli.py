@@ -200,6 +200,42 @@ def pseudolabel(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("pseudolabe
     return _stage("pseudolabel").run(load_config(config, sets), from_run=from_run, resume=resume)
 
 
+# ---- PSA ----------------------------------------------------------------------------------
+@stage_command
+def psa_classify(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("psa.lr=0.05") = [],  # noqa: B006
+                 resume: ResumeOpt = None):
+    """Train PSA's classifier (VGG16 variant, CAM head)."""
+    return _stage("psa_classify").run(load_config(config, sets), resume=resume)
+
+
+@stage_command
+def psa_cam(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("psa.cam_scales=[1.0]") = [],  # noqa: B006
+            from_run: FromRunOpt = None, resume: ResumeOpt = None):
+    """PSA's multi-scale CAMs of every training image."""
+    return _stage("psa_cam").run(load_config(config, sets), from_run=from_run, resume=resume)
+
+
+@stage_command
+def affinity(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("affinity.epochs=4") = [],  # noqa: B006
+             from_run: FromRunOpt = None, resume: ResumeOpt = None):
+    """PSA's confident labels (two CRF passes) and AffinityNet trained on them."""
+    return _stage("affinity").run(load_config(config, sets), from_run=from_run, resume=resume)
+
+
+@stage_command
+def refine(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    sets: set_option("refine.beta=8") = [],  # noqa: B006
+    from_run: FromRunOpt = None,
+    affinity_run: Annotated[str | None, typer.Option(
+        "--affinity-run", help="The affinity run whose AffinityNet walks (default: the newest).")] = None,
+    resume: ResumeOpt = None,
+):
+    """The random walk on any maps run's maps (PSA's CAMs, CAM, MCIS, ...)."""
+    return _stage("refine").run(load_config(config, sets), from_run=from_run, affinity_run=affinity_run,
+                                resume=resume)
+
+
 @stage_command
 def segment(
     config: ConfigOpt = DEFAULT_CONFIG,

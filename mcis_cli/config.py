@@ -118,7 +118,7 @@ class LocalizeCfg(Section):
 class RuleOverrides(Section):
     """A method's own pseudo-mask thresholds: the values it sets replace the section's (MCIS's)."""
 
-    background: Literal["saliency", "cam"] | None = None
+    background: Literal["saliency", "cam", "walk"] | None = None
     att_thr: float | None = None
     fg_thr: float | None = None
     conflict: float | None = None
@@ -130,10 +130,19 @@ class RuleOverrides(Section):
 
 # The method (a localization run's `mcis.method` tag) -> the PseudolabelCfg field of its own rule.
 METHOD_RULES = {"oaa": "oaa", "oaa+": "oaa"}
+METHOD_RULES |= {"psa": "psa"}  # and every `<method>+rw` (refine's walked maps): `rule_of`
+WALKED = "+rw"
+
+
+def rule_of(method: str | None) -> str | None:
+    """The PseudolabelCfg field of a method's own rule, if it has one."""
+    method = method or ""
+    return "psa" if method.endswith(WALKED) else METHOD_RULES.get(method)
 
 
 class PseudolabelCfg(Section):
-    background: Literal["saliency", "cam"] = "saliency"
+    # walk: PSA's, argmax over the walked background and class maps, no saliency
+    background: Literal["saliency", "cam", "walk"] = "saliency"
     saliency: Literal["folder", "computed"] = "folder"  # folder = data.saliency_dir; computed: mcis_cli.saliency
     # adaptive: 0/1 at 2 x mean saliency, as near-binary as the DSS maps the official code reads
     binarize: Literal["none", "adaptive"] = "none"
@@ -147,6 +156,7 @@ class PseudolabelCfg(Section):
     cam_threshold: float = 0.3  # cam: foreground needs a map value above this
     sweep: list[float] = Field(default_factory=list)  # background thresholds to evaluate
     oaa: RuleOverrides = Field(default_factory=lambda: RuleOverrides(conflict=0.9, att_thr=0.8))  # OAA, OAA+
+    psa: RuleOverrides = Field(default_factory=lambda: RuleOverrides(background="walk"))  # PSA, <method>+rw
 
     @model_validator(mode="after")
     def _fill_needs_binary(self) -> PseudolabelCfg:
@@ -157,7 +167,7 @@ class PseudolabelCfg(Section):
     def for_method(self, method: str | None) -> PseudolabelCfg:
         """The thresholds that apply to maps of `method`: the section's, with the method's own
         rule over them where it has one."""
-        rule = METHOD_RULES.get(method or "")
+        rule = rule_of(method)
         if rule is None:
             return self
         own = getattr(self, rule).model_dump(exclude_none=True)
@@ -232,6 +242,70 @@ class CrfCfg(Section):
     bi_srgb: float = 4.0
     bi_compat: float = 3.0
     iters: int = Field(1, ge=1)
+
+
+# ---- PSA (AffinityNet + random walk): configs/voc12_vgg16.yaml cites each official value ------
+class PsaCfg(Section):
+    """PSA's classifier (`psa_classify`) and its CAMs (`psa_cam`)."""
+
+    width: float = Field(1.0, gt=0, le=1)
+    batch_norm: bool = False
+    blocks: int = Field(5, ge=4, le=5)
+    pretrained: bool = True  # torchvision ImageNet conv weights (width 1 only); conv1-2 then frozen
+    crop: int = Field(448, ge=16)
+    scale_range: list[int] = Field(default_factory=lambda: [256, 512], min_length=2, max_length=2)  # long side
+    color_jitter: list[float] = Field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
+    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(15, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = 5e-4
+    lr_mult: list[float] = Field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])  # sgd only
+    poly_power: float = 0.9
+    momentum_bug: bool = True  # the official SGD call's momentum = weight decay (docs/method.md)
+    cam_scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0], min_length=1)
+    cam_flip: bool = True
+    amp: bool = False
+    log_every: int = Field(1, ge=1)
+
+
+class AffinityCfg(Section):
+    """The confident labels and AffinityNet (`affinity`)."""
+
+    alpha_low: float = Field(4.0, gt=0)
+    alpha_high: float = Field(32.0, gt=0)
+    crf: CrfCfg = Field(default_factory=lambda: CrfCfg(pos_sxy=3, pos_compat=3, bi_sxy=80, bi_srgb=13,
+                                                       bi_compat=10, iters=10))
+    jobs: int = Field(2, ge=1)  # CRF worker processes
+    width: float = Field(1.0, gt=0, le=1)
+    batch_norm: bool = False
+    blocks: int = Field(5, ge=4, le=5)
+    pretrained: bool = True
+    fc6_dilation: int = Field(4, ge=1)
+    radius: int = Field(5, ge=2)
+    crop: int = Field(448, ge=16)
+    color_jitter: list[float] = Field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(8, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = 5e-4
+    lr_mult: list[float] = Field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])
+    poly_power: float = 0.9
+    momentum_bug: bool = True
+    amp: bool = False
+    log_every: int = Field(1, ge=1)
+
+
+class RefineCfg(Section):
+    """The random walk (`refine`)."""
+
+    alpha: float = Field(16.0, gt=0)  # background (1 - max)^alpha of the walked maps
+    beta: float = Field(8.0, gt=0)  # A^beta
+    logt: int = Field(8, ge=0)  # t = 2^logt steps, by logt squarings
+    radius: int | None = Field(None, ge=2)  # None: the AffinityNet's; another value is refused
+    max_cells: int = Field(12000, ge=1)  # feature cells of one image's dense transition matrix
+# ---- end PSA ------------------------------------------------------------------------------
 
 
 class EvaluateCfg(Section):
@@ -329,6 +403,9 @@ class Config(Section):
     classify: ClassifyCfg = Field(default_factory=ClassifyCfg)
     localize: LocalizeCfg = Field(default_factory=LocalizeCfg)
     pseudolabel: PseudolabelCfg = Field(default_factory=PseudolabelCfg)
+    psa: PsaCfg = Field(default_factory=PsaCfg)
+    affinity: AffinityCfg = Field(default_factory=AffinityCfg)
+    refine: RefineCfg = Field(default_factory=RefineCfg)
     segment: SegmentCfg = Field(default_factory=SegmentCfg)
     evaluate: EvaluateCfg = Field(default_factory=EvaluateCfg)
     quality: QualityCfg = Field(default_factory=QualityCfg)

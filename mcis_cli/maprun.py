@@ -21,10 +21,12 @@ HEADLINE = ("maps/miou", "maps/best_threshold", "maps/hot_on_part", "maps/hot_on
             "maps/part_recall", "maps/body_recall")
 
 
-def save(cfg: Config, folder: Path, sample: voc.Sample, maps: np.ndarray, num_classes: int) -> dict:
-    """Write one image's maps (n, H, W) in [0, 1] for its classes; its record: the planes, the
-    empty ones, and where it has a mask, its sweep and hot-region counts (scored as stored)."""
-    artifacts.save_maps(artifacts.map_file(folder / artifacts.MAPS, sample.id), maps, sample.labels)
+def save(cfg: Config, folder: Path, sample: voc.Sample, maps: np.ndarray, num_classes: int,
+         background: np.ndarray | None = None) -> dict:
+    """Write one image's maps (n, H, W) in [0, 1] for its classes (and a background plane, when
+    the method makes one); its record: the planes, the empty ones, and where it has a mask, its
+    sweep and hot-region counts (scored as stored)."""
+    artifacts.save_maps(artifacts.map_file(folder / artifacts.MAPS, sample.id), maps, sample.labels, background)
     if cfg.localize.previews:
         artifacts.save_previews(folder / artifacts.MAP_PREVIEWS, sample.id, maps, sample.labels)
     record = {"planes": len(maps), "empty": int((maps.reshape(len(maps), -1).max(1) <= 0).sum())}

@@ -45,6 +45,35 @@ def mcis(cfg: Config, step: Steps) -> StageResult:
 METHODS: dict[str, MapsChain] = {"cam": cam, "mcis": mcis}
 
 
+# ---- PSA: its classifier's CAMs, AffinityNet, the random walk; the walk on MCIS's maps --------
+def _psa_affinity(cfg: Config, step: Steps) -> tuple[StageResult, StageResult]:
+    """PSA's CAMs and the AffinityNet trained on them (one step each, whichever chain asks)."""
+    from mcis_cli.stages import affinity, psa_cam, psa_classify
+
+    trained = step("psa/psa_classify", lambda p: psa_classify.run(cfg, parent=p))
+    cams = step("psa/psa_cam", lambda p: psa_cam.run(cfg, from_run=trained.run_id, parent=p))
+    return cams, step("psa/affinity", lambda p: affinity.run(cfg, from_run=cams.run_id, parent=p))
+
+
+def psa(cfg: Config, step: Steps) -> StageResult:
+    from mcis_cli.stages import refine
+
+    cams, aff = _psa_affinity(cfg, step)
+    return step("psa/refine", lambda p: refine.run(cfg, from_run=cams.run_id, affinity_run=aff.run_id, parent=p))
+
+
+def mcis_rw(cfg: Config, step: Steps) -> StageResult:
+    """MCIS's maps (its own steps) walked with PSA's AffinityNet."""
+    from mcis_cli.stages import refine
+
+    maps = mcis(cfg, step)
+    _, aff = _psa_affinity(cfg, step)
+    return step("mcis+rw/refine", lambda p: refine.run(cfg, from_run=maps.run_id, affinity_run=aff.run_id, parent=p))
+
+
+METHODS |= {"psa": psa, "mcis+rw": mcis_rw}
+
+
 def metric_prefix(name: str) -> str:
     """A method's name as MLflow takes it in a metric key, which allows no `+`: oaa+ -> oaa_plus."""
     return name.replace("+", "_plus_").strip("_")

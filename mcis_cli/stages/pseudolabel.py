@@ -99,8 +99,18 @@ def cam_labels(maps: np.ndarray, classes: Sequence[int], p: PseudolabelCfg,
     return require_foreground(assign(planes, classes), p.min_fg)
 
 
-def make_labels(maps, classes, sal, p: PseudolabelCfg, threshold: float | None = None) -> np.ndarray:
-    """The configured background rule; `threshold` replaces fg_thr (saliency) or cam_threshold (cam)."""
+def walk_labels(maps: np.ndarray, classes: Sequence[int], background: np.ndarray) -> np.ndarray:
+    """PSA's rule (infer_aff.py:117-122): the argmax over the walked background and class maps,
+    no saliency, no threshold, nothing ignored."""
+    return assign(np.concatenate([background[None], maps]).astype(np.float32), classes)
+
+
+def make_labels(maps, classes, sal, p: PseudolabelCfg, threshold: float | None = None,
+                background: np.ndarray | None = None) -> np.ndarray:
+    """The configured background rule; `threshold` replaces fg_thr (saliency) or cam_threshold
+    (cam); walk has none (its sweep repeats the one mask)."""
+    if p.background == "walk":
+        return walk_labels(maps, classes, background)
     if p.background == "cam":
         return cam_labels(maps, classes, p, threshold)
     return saliency_labels(maps, classes, sal, p, threshold)
@@ -126,6 +136,15 @@ def load_saliency(cfg: Config, sample: voc.Sample, image: np.ndarray) -> np.ndar
     return saliency.fill(sal, p.fill_radius) if p.fill_radius else sal
 
 
+def walked_background(path: Path) -> np.ndarray:
+    """The background plane of a walked maps file; the walk rule has nothing to work on without it."""
+    bg = artifacts.load_background(path)
+    if bg is None:
+        raise McisError(f"{path} has no background plane: pseudolabel.background=walk reads the maps of "
+                        "a refine run (mcis refine --from-run MAPS_RUN)")
+    return bg.astype(np.float32)
+
+
 def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num_classes: int) -> dict:
     """Write one image's mask; its record: the ignored pixels (of the mask and of each sweep
     point) and, where a ground truth exists, the quality report's confusion matrices and the
@@ -136,11 +155,12 @@ def _process(cfg: Config, sample: voc.Sample, maps_dir: Path, out_dir: Path, num
         raise McisError(f"the localize run has no map for {sample.id} ({path}); localize this dataset again")
     maps, classes = load_maps(path)
     maps = maps.astype(np.float32)
+    bg = walked_background(path) if p.background == "walk" else None
     image = transforms.load_image(sample.image) if p.background == "saliency" else None
     sal = load_saliency(cfg, sample, image) if image is not None else None
-    labels = make_labels(maps, classes, sal, p)
+    labels = make_labels(maps, classes, sal, p, background=bg)
     transforms.save_palette_png(mask_file(out_dir, sample.id), labels)
-    sweep = [make_labels(maps, classes, sal, p, t) for t in p.sweep]
+    sweep = [make_labels(maps, classes, sal, p, t, bg) for t in p.sweep]
     record = {"ignored": int((labels == IGNORE).sum()), "pixels": labels.size,
               "sweep_ignored": np.array([(s == IGNORE).sum() for s in sweep], np.int64)}
     if not voc.mask_path(cfg.data.root, sample.id).is_file():
