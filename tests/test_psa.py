@@ -182,3 +182,30 @@ def test_walk_rule_and_which_methods_use_it():
     assert p.for_method("psa").background == "walk"
     assert p.for_method("mcis+rw").background == "walk"
     assert p.for_method("mcis").background == "saliency"
+
+
+def test_pipeline_compares_cam_psa_mcis_and_mcis_walked(tmp_path, toy_root, store):
+    from tests.test_pipeline import tiny_config
+
+    config = tiny_config(tmp_path, toy_root, "compare_psa", psa={"epochs": 2, "batch_size": 8, "cam_scales": [1.0]},
+                         affinity={"epochs": 1, "batch_size": 8})
+    result = CliRunner().invoke(app, ["pipeline", "--config", str(config), "--methods", "cam,psa,mcis,mcis+rw"])
+    assert result.exit_code == 0, result.output
+    mlc = MlflowClient(tracking.tracking_uri())
+    experiment = mlc.get_experiment_by_name("compare_psa")
+    [parent] = [r for r in mlc.search_runs([experiment.experiment_id], "tags.`mcis.stage` = 'pipeline'")]
+    children = mlc.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    steps = {r.data.tags[tracking.STEP_TAG]: r for r in children}
+    for name in ("psa/psa_classify", "psa/psa_cam", "psa/affinity", "psa/refine", "psa/pseudolabel", "psa/evaluate"):
+        assert steps[name].data.tags[tracking.METHOD_TAG] == "psa", name
+    for name in ("mcis+rw/refine", "mcis+rw/pseudolabel", "mcis+rw/evaluate"):
+        assert steps[name].data.tags[tracking.METHOD_TAG] == "mcis+rw", name
+    assert steps["mcis+rw/refine"].data.tags[tracking.SOURCE_TAG] == steps["mcis/localize"].info.run_id
+    assert steps["mcis+rw/refine"].data.tags["mcis.affinity_run"] == steps["psa/affinity"].info.run_id
+    assert steps["mcis+rw/pseudolabel"].data.params["rule.background"] == "walk"
+    assert steps["mcis/pseudolabel"].data.params["rule.background"] == "saliency"
+    untagged = [name for name, r in steps.items() if not r.data.tags.get(tracking.METHOD_TAG)]
+    assert sorted(untagged) == ["evaluate_gt", "segment_gt"]  # the supervised ceiling is no method
+    metrics = parent.data.metrics
+    for prefix in ("cam", "psa", "mcis", "mcis_plus_rw"):
+        assert f"{prefix}/pseudo_miou" in metrics and f"{prefix}/seg/miou" in metrics, prefix
