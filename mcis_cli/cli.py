@@ -38,6 +38,8 @@ data_app = typer.Typer(help="Build or validate a dataset in the VOC2012 layout."
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+psa_app = typer.Typer(help="PSA's classifier and its CAMs (then `affinity`, `refine`).", no_args_is_help=True)
+app.add_typer(psa_app, name="psa")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
 
@@ -159,10 +161,12 @@ def config_show(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("data.root=
 
 
 # ---- stages -------------------------------------------------------------------------------
-def stage_command(command):
-    """A stage's command: it returns the stage's result, printed as a summary table (by rank 0
-    alone under torchrun). The stage module is imported only when its command runs, so
-    `mcis --help` does not load torch."""
+def stage_command(command=None, *, group: typer.Typer = app, name: str | None = None):
+    """A stage's command (in `group`, as `name`): it returns the stage's result, printed as a
+    summary table (by rank 0 alone under torchrun). The stage module is imported only when its
+    command runs, so `mcis --help` does not load torch."""
+    if command is None:
+        return functools.partial(stage_command, group=group, name=name)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -172,7 +176,7 @@ def stage_command(command):
         if distributed.is_main():
             _summary(command.__name__, result)
 
-    return app.command()(friendly(wrapper))
+    return group.command(name)(friendly(wrapper))
 
 
 def _stage(name: str):
@@ -201,14 +205,14 @@ def pseudolabel(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("pseudolabe
 
 
 # ---- PSA ----------------------------------------------------------------------------------
-@stage_command
+@stage_command(group=psa_app, name="classify")
 def psa_classify(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("psa.lr=0.05") = [],  # noqa: B006
                  resume: ResumeOpt = None):
     """Train PSA's classifier (VGG16 variant, CAM head)."""
     return _stage("psa_classify").run(load_config(config, sets), resume=resume)
 
 
-@stage_command
+@stage_command(group=psa_app, name="cam")
 def psa_cam(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("psa.cam_scales=[1.0]") = [],  # noqa: B006
             from_run: FromRunOpt = None, resume: ResumeOpt = None):
     """PSA's multi-scale CAMs of every training image."""

@@ -82,7 +82,7 @@ def test_help_shows_no_value_for_flags_and_a_set_example_of_the_commands_section
     assert "<bool>" not in shown  # a flag takes no value: `--force`, not `--force true`
     if "--set" in long_options(app_commands()[name]):
         example = re.search(r"--set ([a-z_]+)\.[a-z_]+=", shown).group(1)
-        section = {"config show": "data", "pipeline": "segment"}.get(name, name)
+        section = {"config show": "data", "pipeline": "segment", "psa classify": "psa", "psa cam": "psa"}.get(name, name)
         assert example == section, f"mcis {name} --help shows --set {example}.*"
 
 
