@@ -304,6 +304,9 @@ class RefineCfg(Section):
     beta: float = Field(8.0, gt=0)  # A^beta
     logt: int = Field(8, ge=0)  # t = 2^logt steps, by logt squarings
     radius: int | None = Field(None, ge=2)  # None: the AffinityNet's; another value is refused
+    # dense: T^(2^logt) by logt squarings (official); sparse: 2^logt products with a sparse T, the
+    # same maps to float tolerance (benchmarks/bench_walk.py), no cells x cells matrix
+    walk: Literal["dense", "sparse"] = "dense"
     max_cells: int = Field(12000, ge=1)  # feature cells of one image's dense transition matrix
 # ---- end PSA ------------------------------------------------------------------------------
 

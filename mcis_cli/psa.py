@@ -8,6 +8,8 @@ stages `psa_classify`, `psa_cam`, `affinity` and `refine` apply these rules to w
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -137,6 +139,35 @@ def walk(vectors: torch.Tensor, t: torch.Tensor, logt: int) -> torch.Tensor:
     for _ in range(logt):
         t = t @ t
     return vectors @ t
+
+
+def sparse_transition(aff: torch.Tensor, frm: torch.Tensor, to: torch.Tensor, cells: int,
+                      beta: float) -> torch.Tensor:
+    """The transpose of `transition(dense_affinity(...), beta)` as a sparse CSR matrix, built from
+    the pairs alone: the same entries, without the cells x cells array (CSR: its products with a
+    dense matrix run about 3x faster than COO's on a CPU, benchmarks/bench_walk.py)."""
+    rows = frm.expand(to.shape[0], -1).reshape(-1)
+    cols = to.reshape(-1)
+    ids = torch.arange(cells, device=aff.device)
+    i = torch.cat([rows, cols, ids])  # A's row, col of every nonzero: pairs both ways, then the diagonal
+    j = torch.cat([cols, rows, ids])
+    a = torch.cat([aff.reshape(-1), aff.reshape(-1), torch.ones(cells, dtype=aff.dtype, device=aff.device)]) ** beta
+    column = torch.zeros(cells, dtype=a.dtype, device=a.device).index_add_(0, j, a)
+    # T = A / column sums; T^T has T's (i, j) entry at (j, i)
+    coo = torch.sparse_coo_tensor(torch.stack([j, i]), a / column[j], (cells, cells), check_invariants=True)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.coalesce().to_sparse_csr()
+
+
+def walk_steps(vectors: torch.Tensor, transposed: torch.Tensor, steps: int) -> torch.Tensor:
+    """(C, N) vectors times T^steps, one product a step with T^T sparse (`sparse_transition`):
+    the same maps as `walk` with steps = 2^logt, in C x nonzeros x steps operations instead of
+    logt x N^3."""
+    out = vectors.T
+    for _ in range(steps):
+        out = transposed @ out
+    return out.T
 
 
 def walk_input(maps: np.ndarray, alpha: float, k: int = STRIDE) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -209,3 +209,14 @@ def test_pipeline_compares_cam_psa_mcis_and_mcis_walked(tmp_path, toy_root, stor
     metrics = parent.data.metrics
     for prefix in ("cam", "psa", "mcis", "mcis_plus_rw"):
         assert f"{prefix}/pseudo_miou" in metrics and f"{prefix}/seg/miou" in metrics, prefix
+
+
+def test_the_sparse_walk_writes_the_maps_of_the_dense_one(chain):
+    cfg = chain["cfg"].replace(refine={"walk": "sparse"})
+    walked = refine.run(cfg, from_run=chain["psa_cam"].run_id, affinity_run=chain["affinity"].run_id)
+    dense_dir, sparse_dir = (Path(r.outputs[artifacts.MAPS]) for r in (chain["refine"], walked))
+    for sample in voc.train_samples(cfg.data)[:8]:
+        a, b = (artifacts.load_maps(artifacts.map_file(d, sample.id))[0].astype(np.float32) for d in (dense_dir, sparse_dir))
+        bg_a, bg_b = (artifacts.load_background(artifacts.map_file(d, sample.id)).astype(np.float32)
+                      for d in (dense_dir, sparse_dir))
+        assert np.allclose(a, b, atol=2e-3) and np.allclose(bg_a, bg_b, atol=2e-3)  # float16 files

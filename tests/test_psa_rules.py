@@ -145,3 +145,15 @@ def test_walk_input_and_output():
 def test_poly_lr():
     assert psa.poly_lr(0.1, 0, 100) == 0.1
     assert psa.poly_lr(0.1, 50, 100) == pytest.approx(0.1 * 0.5 ** 0.9)
+
+
+def test_sparse_walk_equals_the_dense_squarings():
+    torch.manual_seed(1)
+    f = torch.rand(1, 6, 9, 11)
+    frm, to = (torch.from_numpy(x) for x in psa.pair_indices(4, (9, 11)))
+    aff = psa.affinity(f, frm, to)[0].double()
+    dense = psa.transition(psa.dense_affinity(aff, frm, to, 99), 8)
+    sparse = psa.sparse_transition(aff, frm, to, 99, 8)
+    assert torch.allclose(sparse.to_dense(), dense.T)
+    v = torch.rand(3, 99, dtype=torch.float64)
+    assert torch.allclose(psa.walk_steps(v, sparse, 256), psa.walk(v, dense, 8), rtol=1e-9, atol=1e-12)

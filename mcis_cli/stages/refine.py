@@ -8,7 +8,9 @@ squarings), upsampled bilinearly and cropped to the image. The walked maps keep 
 gain a background plane, which PSA's pseudo-label rule (`pseudolabel.background=walk`) reads.
 
 The dense T of a VOC image (about 63 x 47 cells) is some 3,000 x 3,000 floats, 35 MB; an image
-with more than `refine.max_cells` cells is refused rather than run out of memory. On a GPU the
+with more than `refine.max_cells` cells is refused rather than run out of memory.
+`refine.walk: sparse` takes 2^logt products with a sparse T instead: the same maps to float
+tolerance, no cells x cells matrix, about 3x faster on a CPU at VOC size (benchmarks/bench_walk.py). On a GPU the
 walk runs there; under torchrun the images are shared out by `job.map`.
 """
 
@@ -42,16 +44,21 @@ def refine_maps(model: AffinityNet, image: np.ndarray, maps: np.ndarray, r: Refi
     f = model.features(padded_input(image)[None].to(device))
     grid = tuple(f.shape[-2:])
     cells = grid[0] * grid[1]
-    if cells > r.max_cells:
+    if r.walk == "dense" and cells > r.max_cells:
         raise McisError(f"refine: an image of {image.shape[1]} x {image.shape[0]} px has {cells} cells, above "
                         f"refine.max_cells {r.max_cells} (its transition matrix would take "
-                        f"{cells * cells * 4 / 2**20:.0f} MB); raise refine.max_cells or resize the images")
+                        f"{cells * cells * 4 / 2**20:.0f} MB); raise refine.max_cells, set refine.walk=sparse "
+                        "or resize the images")
     frm, to = (torch.from_numpy(a).to(device) for a in psa.pair_indices(model.radius, grid))
-    a = psa.dense_affinity(psa.affinity(f, frm, to)[0], frm, to, cells)
+    aff = psa.affinity(f, frm, to)[0]
     vectors, pooled = psa.walk_input(maps, r.alpha)
     if pooled != grid:
         raise McisError(f"refine: the maps pool to {pooled} cells, the features to {grid}")
-    walked = psa.walk(vectors.to(device), psa.transition(a, r.beta), r.logt)
+    vectors = vectors.to(device)
+    if r.walk == "sparse":
+        walked = psa.walk_steps(vectors, psa.sparse_transition(aff, frm, to, cells, r.beta), 2 ** r.logt)
+    else:
+        walked = psa.walk(vectors, psa.transition(psa.dense_affinity(aff, frm, to, cells), r.beta), r.logt)
     out = np.clip(psa.walk_output(walked, grid, image.shape[:2]), 0, 1)
     return out[1:], out[0]
 
