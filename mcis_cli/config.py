@@ -245,31 +245,36 @@ class CrfCfg(Section):
 
 
 # ---- PSA (AffinityNet + random walk): configs/voc12_vgg16.yaml cites each official value ------
-class PsaCfg(Section):
-    """PSA's classifier (`psa_classify`) and its CAMs (`psa_cam`)."""
+class PsaTraining(Section):
+    """What PSA's two networks share: their shape and their training recipe."""
 
     width: float = Field(1.0, gt=0, le=1)
     batch_norm: bool = False
     blocks: int = Field(5, ge=4, le=5)
     pretrained: bool = True  # torchvision ImageNet conv weights (width 1 only); conv1-2 then frozen
     crop: int = Field(448, ge=16)
-    scale_range: list[int] = Field(default_factory=lambda: [256, 512], min_length=2, max_length=2)  # long side
     color_jitter: list[float] = Field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
     batch_size: int = Field(16, ge=1)
     epochs: int = Field(15, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
     weight_decay: float = 5e-4
-    lr_mult: list[float] = Field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])  # sgd only
+    lr_mult: list[float] = Field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])
     poly_power: float = 0.9
-    momentum_bug: bool = True  # the official SGD call's momentum = weight decay (docs/method.md)
-    cam_scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0], min_length=1)
-    cam_flip: bool = True
+    momentum_bug: bool = True  # the official SGD call's momentum = weight decay (docs/method.md §12.2)
     amp: bool = False
     log_every: int = Field(1, ge=1)
 
 
-class AffinityCfg(Section):
+class PsaCfg(PsaTraining):
+    """PSA's classifier (`psa_classify`) and its CAMs (`psa_cam`)."""
+
+    scale_range: list[int] = Field(default_factory=lambda: [256, 512], min_length=2, max_length=2)  # long side
+    cam_scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0], min_length=1)
+    cam_flip: bool = True
+
+
+class AffinityCfg(PsaTraining):
     """The confident labels and AffinityNet (`affinity`)."""
 
     alpha_low: float = Field(4.0, gt=0)
@@ -277,24 +282,10 @@ class AffinityCfg(Section):
     crf: CrfCfg = Field(default_factory=lambda: CrfCfg(pos_sxy=3, pos_compat=3, bi_sxy=80, bi_srgb=13,
                                                        bi_compat=10, iters=10))
     jobs: int = Field(2, ge=1)  # CRF worker processes
-    width: float = Field(1.0, gt=0, le=1)
-    batch_norm: bool = False
-    blocks: int = Field(5, ge=4, le=5)
-    pretrained: bool = True
     fc6_dilation: int = Field(4, ge=1)
     radius: int = Field(5, ge=2)
-    crop: int = Field(448, ge=16)
-    color_jitter: list[float] = Field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
     batch_size: int = Field(8, ge=1)
     epochs: int = Field(8, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    weight_decay: float = 5e-4
-    lr_mult: list[float] = Field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])
-    poly_power: float = 0.9
-    momentum_bug: bool = True
-    amp: bool = False
-    log_every: int = Field(1, ge=1)
 
 
 class RefineCfg(Section):

@@ -18,17 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mcis_cli import artifacts, engine, psa, training
-from mcis_cli.config import AffinityCfg, PsaCfg
-from mcis_cli.data import transforms
+from mcis_cli.config import PsaTraining, SpeedCfg
+from mcis_cli.data import transforms, voc
 from mcis_cli.devices import set_rng_state
 from mcis_cli.errors import McisError
 from mcis_cli.models.psa import optimizer, param_groups
 
-Recipe = PsaCfg | AffinityCfg
-
-
-def item_rng(kind: str, seed: int, epoch: int, index: int) -> random.Random:
-    return random.Random(f"{kind}:{seed}:{epoch}:{index}")  # str seeds are stable across processes
+Recipe = PsaTraining
 
 
 def crop_window(size: tuple[int, int], crop: int, rng: random.Random) -> tuple[int, int, int, int]:
@@ -57,13 +53,20 @@ def chw(image: np.ndarray) -> torch.Tensor:
 
 
 class EpochData(Dataset):
-    """A training set whose items depend on the epoch: `set_epoch` before each."""
+    """A training set of `samples` whose items depend on the epoch (`set_epoch` before each), drawn
+    from `rng(index)`, a generator of (kind, seed, epoch, index)."""
 
-    def __init__(self, seed: int):
-        self.seed, self.epoch = seed, 0
+    def __init__(self, kind: str, samples: list[voc.Sample], c: Recipe, seed: int):
+        self.kind, self.samples, self.c, self.seed, self.epoch = kind, samples, c, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(f"{self.kind}:{self.seed}:{self.epoch}:{index}")  # str seeds are stable
 
 
 def epoch_batches(n: int, seed: int, epoch: int, batch_size: int, part: int, parts: int) -> list[list[int]]:
@@ -81,6 +84,14 @@ def build_optimizer(model: nn.Module, c: Recipe) -> torch.optim.Optimizer:
     if c.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=c.lr)
     return optimizer(groups, c.lr, c.weight_decay, c.momentum_bug)
+
+
+def trainer(stage: str, model: nn.Module, c: Recipe, speed: SpeedCfg, device: torch.device) -> training.Trainer:
+    """The training skeleton around `model`, its ImageNet convolutions loaded when `c.pretrained`."""
+    if c.pretrained:
+        model.backbone.load_imagenet()
+    model.to(device)
+    return training.Trainer(stage, model, build_optimizer(model, c), device, c.amp, c.log_every, speed)
 
 
 def check_pretrained(section: str, c: Recipe) -> None:

@@ -22,7 +22,18 @@ from mcis_cli import artifacts, tracking
 from mcis_cli.config import load_config
 from mcis_cli.data import synth, transforms, voc
 from mcis_cli.models.backbone import IMAGENET_WEIGHTS
-from mcis_cli.stages import classify, evaluate, export, localize, pseudolabel, segment
+from mcis_cli.stages import (
+    affinity,
+    classify,
+    evaluate,
+    export,
+    localize,
+    psa_cam,
+    psa_classify,
+    pseudolabel,
+    refine,
+    segment,
+)
 from mcis_cli.stages.segment import RESNET101_WEIGHTS
 
 pytestmark = [pytest.mark.slow, pytest.mark.voc_profile]
@@ -33,6 +44,8 @@ COUNTS = [  # steps and images only: every method setting is the official one
     "classify.log_every=1",
     "segment.batch_size=2", "segment.iters=2", "segment.log_every=1", "evaluate.overlays=2",
     "tracking.flush_every=1",
+    "psa.epochs=1", "psa.batch_size=2", "psa.log_every=1",
+    "affinity.epochs=1", "affinity.batch_size=2", "affinity.log_every=1",
 ]
 
 
@@ -128,3 +141,27 @@ def test_voc12_segmenter_trains_scores_and_exports(tree, labelled, name, arch):
     present = {voc.VOC_CLASSES[c] for s in voc.split_samples(tree.root, "val") for c in s.labels}
     logged = mlc.get_run(scored.run_id).data.metrics
     assert {f"iou/{c}" for c in ("background", *present)} <= set(logged)
+
+
+def test_voc12_psa_chain_at_full_width(tree):
+    """PSA's four stages with the VOC recipe: 448 crops, 4 scales x flip, the two 10-iteration
+    CRFs, AffinityNet at radius 5, the dense walk of VOC-sized images, the walk's masks."""
+    cfg = config(tree, "voc12_vgg16")
+    assert (cfg.psa.crop, cfg.affinity.radius, cfg.refine.logt, cfg.affinity.crf.iters) == (448, 5, 8, 10)
+    trained = psa_classify.run(cfg)
+    cams = psa_cam.run(cfg, from_run=trained.run_id)
+    aff = affinity.run(cfg, from_run=cams.run_id)
+    walked = refine.run(cfg, from_run=cams.run_id, affinity_run=aff.run_id)
+    masks = pseudolabel.run(cfg, from_run=walked.run_id)
+    mlc = MlflowClient(tracking.tracking_uri())
+    for run in (trained, aff):
+        assert np.isfinite(run.metrics["train/loss"])
+        assert len(mlc.get_metric_history(run.run_id, "lr")) == 2  # 4 images, batches of 2, one epoch
+    assert mlc.get_run(trained.run_id).data.params["psa.width"] == "1.0"
+    for sample in voc.split_samples(tree.root, "train_aug"):
+        size = transforms.load_image(sample.image).shape[:2]
+        path = artifacts.map_file(Path(walked.outputs[artifacts.MAPS]), sample.id)
+        maps, classes = artifacts.load_maps(path)
+        assert maps.shape == (len(sample.labels), *size) and artifacts.load_background(path).shape == size
+        mask = transforms.read_index_png(artifacts.mask_file(Path(masks.outputs[artifacts.PSEUDO]), sample.id))
+        assert mask.shape == size and set(np.unique(mask)) <= {0, *(c + 1 for c in sample.labels)}

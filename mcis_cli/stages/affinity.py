@@ -48,15 +48,11 @@ class AffinityData(psatrain.EpochData):
     with p 0.5; the crop's confident labels at stride 8 and its pair labels."""
 
     def __init__(self, samples: list[voc.Sample], records: engine.Records, cfg: Config):
-        super().__init__(cfg.seed)
-        self.samples, self.records, self.c = samples, records, cfg.affinity
-
-    def __len__(self) -> int:
-        return len(self.samples)
+        super().__init__(NAME, samples, cfg.affinity, cfg.seed)
+        self.records = records
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        c, sample = self.c, self.samples[index]
-        rng = psatrain.item_rng(NAME, self.seed, self.epoch, index)
+        c, sample, rng = self.c, self.samples[index], self.rng(index)
         image = transforms.load_image(sample.image)
         if any(c.color_jitter):
             image = transforms.color_jitter(image, c.color_jitter, rng)
@@ -110,11 +106,7 @@ def run(cfg: Config, from_run: str | None = None, resume: str | None = None,
     maps_dir = job.fetch(artifacts.MAPS)
     samples = voc.train_samples(cfg.data)
     model = AffinityNet(a.width, a.batch_norm, a.blocks, a.radius, a.fc6_dilation, frozen=a.pretrained)
-    if a.pretrained:
-        model.backbone.load_imagenet()
-    model.to(job.device)
-    trainer = training.Trainer(NAME, model, psatrain.build_optimizer(model, a), job.device, a.amp,
-                               a.log_every, cfg.speed)
+    trainer = psatrain.trainer(NAME, model, a, cfg.speed, job.device)
     criterion = trainer.parallel(Criterion(model))
     meta = {"num_classes": len(names), "stride": psa.STRIDE, **model.config}
 

@@ -31,15 +31,11 @@ class ClassifierData(psatrain.EpochData):
     a flip with p 0.5, colour jitter, a random crop padded with the mean colour."""
 
     def __init__(self, samples: list[voc.Sample], num_classes: int, cfg: Config):
-        super().__init__(cfg.seed)
-        self.samples, self.num_classes, self.c = samples, num_classes, cfg.psa
-
-    def __len__(self) -> int:
-        return len(self.samples)
+        super().__init__(NAME, samples, cfg.psa, cfg.seed)
+        self.num_classes = num_classes
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        c, sample = self.c, self.samples[index]
-        rng = psatrain.item_rng(NAME, self.seed, self.epoch, index)
+        c, sample, rng = self.c, self.samples[index], self.rng(index)
         image = transforms.load_image(sample.image)
         h, w = image.shape[:2]
         side = rng.randint(*c.scale_range)
@@ -87,11 +83,7 @@ def run(cfg: Config, resume: str | None = None, parent: tracking.Nest | None = N
     if not samples:
         raise McisError(f"the training list {cfg.data.train_list!r} of {cfg.data.root} is empty")
     model = PSAClassifier(len(names), c.width, c.batch_norm, c.blocks, frozen=c.pretrained)
-    if c.pretrained:
-        model.backbone.load_imagenet()
-    model.to(job.device)
-    trainer = training.Trainer(NAME, model, psatrain.build_optimizer(model, c), job.device, c.amp,
-                               c.log_every, cfg.speed)
+    trainer = psatrain.trainer(NAME, model, c, cfg.speed, job.device)
     criterion = trainer.parallel(Criterion(model))
     meta = {"num_classes": len(names), "width": c.width, "batch_norm": c.batch_norm, "blocks": c.blocks}
 
