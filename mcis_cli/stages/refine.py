@@ -10,7 +10,8 @@ gain a background plane, which PSA's pseudo-label rule (`pseudolabel.background=
 The dense T of a VOC image (about 63 x 47 cells) is some 3,000 x 3,000 floats, 35 MB; an image
 with more than `refine.max_cells` cells is refused rather than run out of memory.
 `refine.walk: sparse` takes 2^logt products with a sparse T instead: the same maps to float
-tolerance, no cells x cells matrix, about 3x faster on a CPU at VOC size (benchmarks/bench_walk.py). On a GPU the
+tolerance, no cells x cells matrix, 1.5 s instead of 8.3 s an image on 2 shared CPU cores at
+VOC size (benchmarks/bench_walk.py, docs/method.md §12.4). On a GPU the
 walk runs there; under torchrun the images are shared out by `job.map`.
 """
 
