@@ -220,3 +220,12 @@ def test_the_sparse_walk_writes_the_maps_of_the_dense_one(chain):
         bg_a, bg_b = (artifacts.load_background(artifacts.map_file(d, sample.id)).astype(np.float32)
                       for d in (dense_dir, sparse_dir))
         assert np.allclose(a, b, atol=2e-3) and np.allclose(bg_a, bg_b, atol=2e-3)  # float16 files
+
+
+def test_a_psa_command_without_an_input_run_names_the_command_to_run_first(tmp_path, toy_root, store):
+    config = psa_config(tmp_path, toy_root, "psa_empty")
+    with engine.stage_run(load_config(psa_config(tmp_path, toy_root, "psa_store")), "segment"):
+        pass  # a store with a run in another experiment
+    result = CliRunner().invoke(app, ["psa", "cam", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "run `mcis psa classify` first" in result.output.replace("\n", " ")

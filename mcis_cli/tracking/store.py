@@ -266,7 +266,7 @@ def _newest_method_run(cfg: Config, stages: tuple[str, ...]) -> tuple[SourceRun,
     if not found:
         raise McisError(
             f"no finished {' or '.join(stages)} run of the method in experiment {name!r} at "
-            f"{tracking_uri(cfg)}; run `mcis {stages[0]}` first or pass --from-run RUN_ID"
+            f"{tracking_uri(cfg)}; run `mcis {stages[0].replace('_', ' ')}` first or pass --from-run RUN_ID"
         )
     source = _source(cfg, found)
     step = source.tags.get(STEP_TAG)
