@@ -30,7 +30,7 @@ MAPS = "maps"  # localize: <id>.npz per training image
 MAP_PREVIEWS = "maps_png"  # localize, localize.previews: <id>_<class>.png per map
 PSEUDO = "pseudo"  # pseudolabel: <id>.png per training image, 255 = ignored
 MAP_STAGES = ("localize",)  # the stages whose runs hold MAPS, pseudolabel's inputs
-MAP_STAGES = ("psa_cam", *MAP_STAGES, "refine")  # PSA's CAMs; the random walk's maps of any maps run
+MAP_STAGES = (*MAP_STAGES, "psa_cam", "refine")  # PSA's CAMs; the random walk's maps of any maps run
 
 
 # ---- localization maps -----------------------------------------------------------------------

@@ -85,7 +85,7 @@ def method_of(maps: tracking.SourceRun) -> str:
     return "psa" if maps.stage == "psa_cam" else f"{maps.method or maps.stage}{WALKED}"
 
 
-SOURCES = tuple(s for s in artifacts.MAP_STAGES if s != "refine")  # any method's maps; PSA's CAMs first
+SOURCES = ("psa_cam", *(s for s in artifacts.MAP_STAGES if s not in ("psa_cam", "refine")))  # PSA's CAMs first
 STAGE = engine.Stage("refine", reads=SOURCES, sections=("refine", "quality"),
                      memory=lambda cfg: (f"at most {cfg.refine.max_cells} cells an image", "refine.max_cells"))
 
