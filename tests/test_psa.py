@@ -229,3 +229,28 @@ def test_a_psa_command_without_an_input_run_names_the_command_to_run_first(tmp_p
     result = CliRunner().invoke(app, ["psa", "cam", "--config", str(config)])
     assert result.exit_code == 2
     assert "run `mcis psa classify` first" in result.output.replace("\n", " ")
+
+
+def test_psa_classify_killed_in_its_second_epoch_resumes_to_the_same_weights(tmp_path, toy_root, store, monkeypatch):
+    cfg = load_config(psa_config(tmp_path, toy_root, "psa_resume"), ["deterministic=true"])
+    full = psa_classify.run(cfg)
+    forward = psa_classify.Criterion.forward
+    calls = []
+
+    def die_in_second_epoch(self, images, labels):
+        calls.append(1)
+        if len(calls) == 8:  # 48 images in batches of 8: step 8 is in epoch 1
+            raise KeyboardInterrupt
+        return forward(self, images, labels)
+
+    monkeypatch.setattr(psa_classify.Criterion, "forward", die_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        psa_classify.run(cfg)
+    monkeypatch.setattr(psa_classify.Criterion, "forward", forward)
+    mlc = MlflowClient(tracking.tracking_uri())
+    [killed] = mlc.search_runs([mlc.get_experiment_by_name("psa_resume").experiment_id], "attributes.status = 'KILLED'")
+    resumed = psa_classify.run(cfg)  # the same key: the KILLED run continues from its epoch-0 state
+    assert resumed.run_id == killed.info.run_id and resumed.metrics["steps"] == 12
+    a, b = (torch.load(Path(r.outputs["checkpoint"]), weights_only=False)["state_dict"] for r in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert MlflowClient(tracking.tracking_uri()).get_run(resumed.run_id).info.status == "FINISHED"
