@@ -261,7 +261,7 @@ class PsaTraining(Section):
     weight_decay: float = 5e-4
     lr_mult: list[float] = Field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])
     poly_power: float = 0.9
-    momentum_bug: bool = True  # the official SGD call's momentum = weight decay (docs/method.md §12.2)
+    momentum_bug: bool = True  # the official SGD call's momentum = weight decay (docs/method.md §13.2)
     amp: bool = False
     log_every: int = Field(1, ge=1)
 

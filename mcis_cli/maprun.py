@@ -26,7 +26,8 @@ def save(cfg: Config, folder: Path, sample: voc.Sample, maps: np.ndarray, num_cl
     """Write one image's maps (n, H, W) in [0, 1] for its classes (and a background plane, when
     the method makes one); its record: the planes, the empty ones, and where it has a mask, its
     sweep and hot-region counts (scored as stored)."""
-    artifacts.save_maps(artifacts.map_file(folder / artifacts.MAPS, sample.id), maps, sample.labels, background)
+    extra = {} if background is None else {"background": background}  # a class-maps-only call otherwise
+    artifacts.save_maps(artifacts.map_file(folder / artifacts.MAPS, sample.id), maps, sample.labels, **extra)
     if cfg.localize.previews:
         artifacts.save_previews(folder / artifacts.MAP_PREVIEWS, sample.id, maps, sample.labels)
     record = {"planes": len(maps), "empty": int((maps.reshape(len(maps), -1).max(1) <= 0).sum())}
