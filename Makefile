@@ -4,9 +4,11 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/toy.yaml
+METHODS ?= cam,mcis
+SEEDS   ?= 100,101,102
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-voc bench lint clean
+.PHONY: install demo compare test test-fast test-voc bench lint clean
 
 install: $(STAMP)
 
@@ -18,6 +20,9 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/mcis pipeline --config $(CONFIG)
+
+compare: install  # every method on the held-out data seeds: the table of docs/results.md
+	$(BIN)/mcis pipeline --config $(CONFIG) --methods $(METHODS) --seeds $(SEEDS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -255,7 +255,7 @@ def test_stage_writes_maps_reports_quality_and_completes_a_killed_run(stage_cfg,
     samples = voc.train_samples(stage_cfg.data)
 
     saved = []
-    real_save = localize.save_maps
+    real_save = artifacts.save_maps
 
     def dying_save(path, maps, classes):
         if len(saved) == 10:
@@ -263,10 +263,10 @@ def test_stage_writes_maps_reports_quality_and_completes_a_killed_run(stage_cfg,
         real_save(path, maps, classes)
         saved.append(path)
 
-    monkeypatch.setattr(localize, "save_maps", dying_save)
+    monkeypatch.setattr(artifacts, "save_maps", dying_save)
     with pytest.raises(KeyboardInterrupt):
         localize.run(stage_cfg, from_run=classify_id)
-    monkeypatch.setattr(localize, "save_maps", real_save)
+    monkeypatch.setattr(artifacts, "save_maps", real_save)
     killed = saved[0].parent.parent.name
 
     result = localize.run(stage_cfg, from_run=classify_id)
@@ -292,14 +292,14 @@ def test_stage_writes_maps_reports_quality_and_completes_a_killed_run(stage_cfg,
 DYING_RANK = """
 import os, signal, sys
 from mcis_cli.cli import main
-from mcis_cli.stages import localize
-real, written = localize.save_maps, []
+from mcis_cli import artifacts
+real, written = artifacts.save_maps, []
 def save(*args):
     if os.environ["RANK"] == "1" and len(written) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     real(*args)
     written.append(args[0])
-localize.save_maps = save
+artifacts.save_maps = save
 sys.argv[0] = "mcis"
 main()
 """
