@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mcis_cli import artifacts, engine, psa, training
 from mcis_cli.config import PsaTraining, SpeedCfg
-from mcis_cli.data import transforms, voc
+from mcis_cli.data import voc
 from mcis_cli.devices import set_rng_state
 from mcis_cli.errors import McisError
 from mcis_cli.models.psa import optimizer, param_groups
@@ -140,9 +140,4 @@ def train(job: engine.Job, trainer: training.Trainer, data: EpochData, c: Recipe
             trainer.save(job.folder / artifacts.LAST, job.log, epoch=epoch, global_step=step)
     trainer.write(job.folder / artifacts.MODEL, model_file(), job.log)
     return {"train/loss": loss, "steps": float(step), "epochs": float(c.epochs)}
-
-
-def normalized(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> the network's input (ImageNet mean and std, RGB: the torchvision weights')."""
-    return transforms.normalize(images)
 
