@@ -98,6 +98,14 @@ class Trainer:
         """Update from the loss `total` of the forward (its `parts` are logged): returns
         {"total", *parts} averaged over the ranks. A non-finite one stops before the update, in
         a McisError naming the step (`where`) and the last good checkpoint."""
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.backward(total, parts, where)
+        self.apply()
+        return terms
+
+    def backward(self, total: torch.Tensor, parts: dict[str, torch.Tensor], where: str) -> dict[str, float]:
+        """`step` without the update: the gradients of `total` add to those already there (OAA's
+        iter_size); `apply` makes the update."""
         values = torch.stack([total.detach().float(), *(p.detach().float() for p in parts.values())])
         if self.distributed:
             dist.all_reduce(values)
@@ -109,11 +117,14 @@ class Trainer:
                 f"checkpoint: {self.last_good or 'none yet'}; lower {self.stage}.lr in a new run, or "
                 "check the data"
             )
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        return terms
+
+    def apply(self) -> None:
+        """The optimizer step on the gradients gathered since the last one, which it then clears."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return terms
+        self.optimizer.zero_grad(set_to_none=True)
 
     @contextmanager
     def progress(self, total: int, done: int, lr: float) -> Iterator[None]:
