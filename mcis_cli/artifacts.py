@@ -29,7 +29,8 @@ LAST = "checkpoints/last.pt"  # the resume state of classify and segment
 MAPS = "maps"  # localize: <id>.npz per training image
 MAP_PREVIEWS = "maps_png"  # localize, localize.previews: <id>_<class>.png per map
 PSEUDO = "pseudo"  # pseudolabel: <id>.png per training image, 255 = ignored
-MAP_STAGES = ("localize",)  # the stages whose runs hold MAPS, pseudolabel's inputs
+ACCUMULATED = "accumulated"  # accumulate (OAA): <id>.npz cumulative attention maps per training image
+MAP_STAGES = ("localize", "accumulate", "integral")  # the stages whose runs hold MAPS, pseudolabel's inputs
 
 
 # ---- localization maps -----------------------------------------------------------------------

@@ -42,7 +42,22 @@ def mcis(cfg: Config, step: Steps) -> StageResult:
     return _classifier_maps("mcis", cfg, step)
 
 
-METHODS: dict[str, MapsChain] = {"cam": cam, "mcis": mcis}
+def oaa(cfg: Config, step: Steps) -> StageResult:
+    """OAA: the cumulative attention maps of its classifier's training."""
+    from mcis_cli.stages import accumulate
+
+    return step("oaa/accumulate", lambda p: accumulate.run(cfg, parent=p))
+
+
+def oaa_plus(cfg: Config, step: Steps) -> StageResult:
+    """OAA+: the integral attention model trained on OAA's cumulative maps (OAA's step, shared)."""
+    from mcis_cli.stages import integral
+
+    accumulated = oaa(cfg, step)
+    return step("oaa+/integral", lambda p: integral.run(cfg, from_run=accumulated.run_id, parent=p))
+
+
+METHODS: dict[str, MapsChain] = {"cam": cam, "oaa": oaa, "oaa+": oaa_plus, "mcis": mcis}
 
 
 def metric_prefix(name: str) -> str:
