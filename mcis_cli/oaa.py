@@ -27,7 +27,6 @@ from mcis_cli.devices import set_rng_state
 from mcis_cli.errors import McisError
 from mcis_cli.files import atomic_path
 from mcis_cli.models.backbone import load_imagenet
-from mcis_cli.models.mcis import param_groups
 from mcis_cli.models.oaa import OAANet
 from mcis_cli.tracking import Tracker
 
@@ -96,18 +95,6 @@ def check_batchable(samples: Sequence[voc.Sample], c: OaaTrainCfg, stage: str) -
 
 
 # ---- training --------------------------------------------------------------------------------
-def step_decay(c: OaaTrainCfg, epoch: int) -> float:
-    """lr x decay_factor at each decay epoch reached (OAA-PyTorch my_optim.py:88-97)."""
-    return c.lr * c.decay_factor ** sum(epoch >= e for e in c.decay_epochs)
-
-
-def _optimizer(model: OAANet, c: OaaTrainCfg) -> torch.optim.Optimizer:
-    groups = param_groups(model, c.lr, c.lr_mult)
-    if c.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
-    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
-
-
 def check_pretrained(c: OaaTrainCfg, stage: str) -> None:
     if c.pretrained and c.width != 1.0:
         raise McisError(f"{stage}.pretrained needs {stage}.width=1 (got {c.width}): ImageNet VGG16 weights "
@@ -130,7 +117,7 @@ class OaaTrainer(training.Trainer):
         if c.pretrained:
             load_imagenet(model.backbone, c.batch_norm)
         model.to(device)
-        super().__init__(stage, model, _optimizer(model, c), device, c.amp, c.log_every, cfg.speed)
+        super().__init__(stage, model, training.optimizer(model, c), device, c.amp, c.log_every, cfg.speed)
 
     def steps_per_epoch(self, images: int) -> int:
         return (-(-images // self.c.batch_size)) // self.c.iter_size
@@ -138,7 +125,7 @@ class OaaTrainer(training.Trainer):
     def train_epoch(self, loader: DataLoader, epoch: int, step: int, tracker: Tracker | None, loss: Loss,
                     seen: Seen | None = None) -> tuple[int, float]:
         """One epoch at its lr from global step `step`: returns (next step, mean loss per forward)."""
-        lr = step_decay(self.c, epoch)
+        lr = training.step_decay(self.c, epoch)
         self.set_lr(lr)
         self.model.train()
         forwards, losses = 0, []

@@ -34,7 +34,7 @@ from mcis_cli.errors import McisError
 from mcis_cli.progress import console, training_progress
 
 if TYPE_CHECKING:
-    from mcis_cli.config import Config
+    from mcis_cli.config import ClassifyCfg, Config, OaaTrainCfg
 
 
 def check_split(stage: str, batch_size: int) -> None:
@@ -43,6 +43,23 @@ def check_split(stage: str, batch_size: int) -> None:
     if batch_size % world:
         raise McisError(f"{stage}.batch_size {batch_size} does not split over {world} processes; "
                         f"make it a multiple of {world}")
+
+
+def step_decay(c: ClassifyCfg | OaaTrainCfg, epoch: int) -> float:
+    """The official step schedule of classify, accumulate and integral: lr x decay_factor at each
+    decay epoch reached."""
+    return c.lr * c.decay_factor ** sum(epoch >= e for e in c.decay_epochs)
+
+
+def optimizer(model: nn.Module, c: ClassifyCfg | OaaTrainCfg) -> torch.optim.Optimizer:
+    """SGD (official: Nesterov momentum) or AdamW over the four lr-multiplier groups of `model`
+    (`param_groups`: its backbone's weights and biases, then the new layers')."""
+    from mcis_cli.models.mcis import param_groups
+
+    groups = param_groups(model, c.lr, c.lr_mult)
+    if c.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
+    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
 
 
 def loader_options(cfg: Config, device: torch.device) -> dict[str, Any]:
