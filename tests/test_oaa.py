@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from mcis_cli import artifacts, oaa, tracking
 from mcis_cli.cli import app
 from mcis_cli.config import PseudolabelCfg, load_config
-from mcis_cli.data import voc
+from mcis_cli.data import transforms, voc
 from mcis_cli.errors import McisError
 from mcis_cli.models.backbone import load_imagenet
 from mcis_cli.models.mcis import param_groups
@@ -276,3 +276,43 @@ def test_pipeline_compares_cam_oaa_oaa_plus_and_mcis(tmp_path, toy_root, store):
     for key in ("maps_miou", "pseudo_miou", "seg/miou"):
         for prefix in ("oaa", "oaa_plus", "cam", "mcis"):
             assert f"{prefix}/{key}" in parent.data.metrics, (prefix, key)
+
+
+def _trainer_after_one_epoch(tmp_path, toy_root, **switches):
+    """The toy OAA classifier after epoch 0 on 3 images at iter_size 2 (one step, one image left
+    over), plain SGD at a rate that makes the step large beside float32 rounding; returns (trainer, dataset, loss, the step's change of each parameter)."""
+    cfg = load_config(tiny_config(tmp_path, toy_root, "oaa_iter", accumulate={
+        **TINY, "batch_size": 1, "iter_size": 2, "optimizer": "sgd", "lr": 10.0, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0,
+        "color_jitter": [0.0, 0.0, 0.0, 0.0], "carry_partial_step": switches.get("carry", True)}))
+    c = cfg.accumulate
+    samples = voc.train_samples(cfg.data)[:3]
+    torch.manual_seed(0)
+    trainer = oaa.OaaTrainer("accumulate", cfg, c, 20, torch.device("cpu"), switches.get("divide", True))
+    dataset = oaa.OaaDataset(samples, 20, c, cfg.seed)
+
+    def loss(maps, batch):
+        return torch.nn.functional.multilabel_soft_margin_loss(maps.mean((2, 3)), batch["y"])
+
+    start = [p.detach().clone() for p in trainer.model.parameters()]
+    with trainer.progress(1, 0, c.lr):
+        step, _ = trainer.train_epoch(oaa.loader(dataset, cfg, c, trainer.device), 0, 0, None, loss)
+    assert step == 1  # 3 forwards at iter_size 2: one step
+    return trainer, dataset, loss, [p.detach() - s for p, s in zip(trainer.model.parameters(), start, strict=True)]
+
+
+def test_an_epochs_incomplete_step_is_carried_into_the_next_as_the_official_code(tmp_path, toy_root):
+    trainer, dataset, loss, change = _trainer_after_one_epoch(tmp_path, toy_root)
+    carried = [g.clone() for g in trainer.carried()]
+    # the third image's gradient at the weights after the step, / iter_size, is what is left
+    trainer.optimizer.zero_grad(set_to_none=True)
+    item = dataset[2]
+    x = transforms.normalize(item["x"][None])
+    (loss(trainer.model(x), {"y": item["y"][None]}) / 2).backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-7) for a, p in zip(carried, trainer.model.parameters(), strict=True))
+
+    dropped = _trainer_after_one_epoch(tmp_path, toy_root, carry=False)[0]
+    assert all(g is None for g in dropped.carried())
+    # integral's loss_sum_over_iter: the step sums the 2 images' gradients, twice the mean's step
+    summed = _trainer_after_one_epoch(tmp_path, toy_root, divide=False)[3]
+    assert any(d.abs().max() > 0 for d in change)
+    assert all(torch.allclose(2 * a, b, rtol=1e-3, atol=1e-6) for a, b in zip(change, summed, strict=True))
