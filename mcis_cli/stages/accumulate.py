@@ -39,7 +39,7 @@ def accumulating(epoch: int, start_epoch: int) -> bool:
 def quantise(maps: torch.Tensor) -> np.ndarray:
     """Normalised maps in [0, 1] -> uint8 as the official store writes them: x 255, then cv2.imwrite's
     conversion of a float array, which rounds half to even and saturates."""
-    return (maps.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    return np.clip(np.rint(maps.float().cpu().numpy() * np.float32(255)), 0, 255).astype(np.uint8)
 
 
 def accumulate_class(stored: np.ndarray | None, current: np.ndarray, accepted: bool,
