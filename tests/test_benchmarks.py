@@ -37,6 +37,7 @@ def test_fullscale_projection_arithmetic():
     assert units["classify"] == 15 * 2_117  # ceil(10,582 / 5) steps an epoch, the last of 2 pairs
     assert (units["localize"], units["pseudolabel"], units["segment"], units["evaluate"]) == (
         10_582, 10_582, 15_000, 1_449)
+    assert units["accumulate"] == units["integral"] == 15 * 2_116  # 10,582 // (1 x 5): about 31.7k steps
     assert bench._sets(["fullscale", "--set", "device=cuda", "--set", "segment.amp=true"]) == [
         "device=cuda", "segment.amp=true"]
 
