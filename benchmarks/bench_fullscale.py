@@ -14,6 +14,7 @@ label-count histogram) to show that it stays within localize.cache_mb, and how o
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import resource
@@ -34,16 +35,7 @@ from benchmarks import scratch_store
 from mcis_cli import devices, training
 from mcis_cli.config import Config, load_config
 from mcis_cli.data import synth, voc
-from mcis_cli.stages import (
-    accumulate,
-    classify,
-    evaluate,
-    export,
-    integral,
-    localize,
-    pseudolabel,
-    segment,
-)
+from mcis_cli.stages import evaluate, localize, pseudolabel
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "voc12_vgg16.yaml"
 N_TRAIN, N_VAL = 10, 2  # two classifier steps of 5 pairs; 16 images would fill one localize batch
@@ -156,9 +148,7 @@ def _stage(stage: str, overrides: list[str], from_run: str | None) -> dict[str, 
         span = _span_calls(pseudolabel, "_process", lambda *a: 1)
     elif stage == "evaluate":
         span = _span_calls(evaluate, "_score_segment", lambda cfg, model, meta, samples, *a: len(samples))
-    run = {"classify": classify.run, "localize": localize.run, "pseudolabel": pseudolabel.run,
-           "segment": segment.run, "evaluate": evaluate.run, "export": export.run,
-           "accumulate": accumulate.run, "integral": integral.run}[stage]
+    run = importlib.import_module(f"mcis_cli.stages.{stage}").run
     start = time.perf_counter()
     result = run(cfg) if from_run is None else run(cfg, from_run=from_run)
     wall = time.perf_counter() - start
