@@ -21,7 +21,7 @@ from mcis_cli.errors import McisError
 from mcis_cli.models.backbone import load_imagenet
 from mcis_cli.models.mcis import param_groups
 from mcis_cli.models.oaa import OAANet, iam_loss, normalise_attention, top_k_classes
-from mcis_cli.stages import accumulate
+from mcis_cli.stages import accumulate, integral
 from mcis_cli.stages.accumulate import (
     accumulate_class,
     accumulating,
@@ -156,6 +156,24 @@ def test_oaa_gen_gt_thresholds_on_a_hand_made_image():
     tiny = np.zeros((1, 20, 20), np.float32)
     tiny[0, 0, 0] = 1.0  # one pixel in 400 is foreground: < 1%
     assert (saliency_labels(tiny, (0,), np.zeros((20, 20), np.float32), base.for_method("oaa+")) == 255).all()
+
+
+def test_iam_targets_hold_the_gt_classes_maps_and_match_the_output_size(tmp_path):
+    net = OAANet(20, width=0.125).eval()
+    for size in [(375, 500), (500, 333), (224, 224), (281, 500)]:  # VOC aspect ratios
+        h, w = oaa.short_side_size(size, 224)
+        assert min(h, w) == 224
+        with torch.no_grad():
+            assert net(torch.zeros(1, 3, h, w)).shape[-2:] == oaa.feature_size((h, w)), size
+    store = oaa.AttentionStore(tmp_path / "store")
+    sample = voc.Sample("img", Path("img.jpg"), (4, 11))
+    store.put("img", np.array([[[255, 0, 51]], [[0, 102, 0]]], np.uint8), np.array([True, True]))
+    q = integral.targets(store, sample, 20, (1, 3))
+    assert q.shape == (20, 1, 3)
+    assert torch.allclose(q[4], torch.tensor([[1.0, 0.0, 0.2]])) and torch.allclose(q[11], torch.tensor([[0.0, 0.4, 0.0]]))
+    assert not q[[c for c in range(20) if c not in (4, 11)]].any()  # absent classes: 0, all negative pixels
+    with pytest.raises(McisError, match="at the accumulate run's input size"):
+        integral.targets(store, sample, 20, (2, 3))
 
 
 # ---- the network -----------------------------------------------------------------------------
