@@ -147,7 +147,8 @@ def _stage(stage: str, overrides: list[str], from_run: str | None) -> dict[str, 
     elif stage == "pseudolabel":
         span = _span_calls(pseudolabel, "_process", lambda *a: 1)
     elif stage == "evaluate":
-        span = _span_calls(evaluate, "_score_segment", lambda cfg, model, meta, samples, *a: len(samples))
+        span = _span_calls(evaluate, "_score_segment", lambda job, model, meta, samples, *a: len(samples))
+        evaluate.SCORERS["segment"] = evaluate._score_segment  # the stage calls it through this table
     run = importlib.import_module(f"mcis_cli.stages.{stage}").run
     start = time.perf_counter()
     result = run(cfg) if from_run is None else run(cfg, from_run=from_run)
