@@ -218,9 +218,11 @@ def _bytes(folder: Path) -> int:
 
 
 def _copies(tmp: Path, root: Path, folder: Path) -> int:
-    """How many copies of a stage's per-image files are on disk (its run folder, the local store)."""
-    name = next(folder.iterdir()).name
-    return sum(1 for f in tmp.rglob(name) if not f.is_relative_to(root))
+    """How many copies of a stage's per-image files are on disk (its run folder, the local store):
+    the files of its first image's name and bytes (every maps stage names its files <id>.npz)."""
+    first = next(folder.iterdir())
+    content = first.read_bytes()
+    return sum(1 for f in tmp.rglob(first.name) if not f.is_relative_to(root) and f.read_bytes() == content)
 
 
 def _disk(run: dict[str, Any], units: int, per_image: float | None, copies: int) -> float:
