@@ -14,6 +14,7 @@ label-count histogram) to show that it stays within localize.cache_mb, and how o
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import resource
@@ -34,24 +35,29 @@ from benchmarks import scratch_store
 from mcis_cli import devices, training
 from mcis_cli.config import Config, load_config
 from mcis_cli.data import synth, voc
-from mcis_cli.stages import classify, evaluate, export, localize, pseudolabel, segment
+from mcis_cli.stages import evaluate, localize, pseudolabel
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "voc12_vgg16.yaml"
 N_TRAIN, N_VAL = 10, 2  # two classifier steps of 5 pairs; 16 images would fill one localize batch
 TRAIN_IMAGES, VAL_IMAGES = 10_582, 1_449  # train_aug, val [docs/method.md §1.4, §4.3]
 VOC_LABEL_COUNTS = {1: 6746, 2: 2894, 3: 774, 4: 141, 5: 27}  # classes per image, train_cls.txt [docs/method.md §7]
 RSS_LIMIT = 24 * 2**30
+PER_IMAGE = (("localize", "maps"), ("pseudolabel", "pseudo"), ("accumulate", "maps"), ("integral", "maps"))
 MISS_SAMPLES = 8  # images timed, in the cache's batches, for the cost of a cache miss
 COUNTS = [  # steps and images only; the random init costs what the ImageNet one does
     "data.workers=0", "classify.epochs=1", "classify.contrastive_from_epoch=0", "classify.log_every=1",
     "classify.pretrained=false", "segment.pretrained=false", "segment.iters=3", "segment.val_every=0",
     "segment.log_every=1", "evaluate.overlays=1", "tracking.flush_every=1",
+    # OAA / OAA+: one epoch of 2 steps of 5 images, accumulating from the first (the official
+    # epoch 0 stores nothing); their units are training steps, the maps pass after it is not projected
+    "accumulate.epochs=1", "accumulate.start_epoch=0", "accumulate.pretrained=false", "accumulate.log_every=1",
+    "integral.epochs=1", "integral.pretrained=false", "integral.log_every=1",
 ]
-STAGES = ("classify", "localize", "pseudolabel", "segment", "evaluate", "export")
+STAGES = ("classify", "localize", "pseudolabel", "segment", "evaluate", "export", "accumulate", "integral")
 SOURCE = {"localize": "classify", "pseudolabel": "localize", "segment": "pseudolabel",
-          "evaluate": "segment", "export": "segment"}
+          "evaluate": "segment", "export": "segment", "integral": "accumulate"}
 UNIT = {"classify": "step", "localize": "image", "pseudolabel": "image", "segment": "step",
-        "evaluate": "image", "export": "run"}
+        "evaluate": "image", "export": "run", "accumulate": "step", "integral": "step"}
 
 
 def project(unit_seconds: float, units: int) -> float:
@@ -62,10 +68,13 @@ def project(unit_seconds: float, units: int) -> float:
 def budget(cfg: Config) -> dict[str, int]:
     """Units of each stage in the paper's run: classifier steps over its epochs (the last batch of
     an epoch may be short), every training image localized and labelled, the segmenter's
-    iterations, every val image scored, one export."""
+    iterations, every val image scored, one export; OAA's and OAA+'s steps of batch x iter_size
+    images (an epoch's incomplete step joins the next one's first)."""
     c = cfg.classify
+    oaa = {stage: part.epochs * (TRAIN_IMAGES // (part.batch_size * part.iter_size))
+           for stage, part in (("accumulate", cfg.accumulate), ("integral", cfg.integral))}
     return {"classify": c.epochs * math.ceil(TRAIN_IMAGES / c.batch_size), "localize": TRAIN_IMAGES,
-            "pseudolabel": TRAIN_IMAGES, "segment": cfg.segment.iters, "evaluate": VAL_IMAGES, "export": 1}
+            "pseudolabel": TRAIN_IMAGES, "segment": cfg.segment.iters, "evaluate": VAL_IMAGES, "export": 1, **oaa}
 
 
 # ---- one stage, in its own process -------------------------------------------------------------
@@ -138,9 +147,9 @@ def _stage(stage: str, overrides: list[str], from_run: str | None) -> dict[str, 
     elif stage == "pseudolabel":
         span = _span_calls(pseudolabel, "_process", lambda *a: 1)
     elif stage == "evaluate":
-        span = _span_calls(evaluate, "_score_segment", lambda cfg, model, meta, samples, *a: len(samples))
-    run = {"classify": classify.run, "localize": localize.run, "pseudolabel": pseudolabel.run,
-           "segment": segment.run, "evaluate": evaluate.run, "export": export.run}[stage]
+        span = _span_calls(evaluate, "_score_segment", lambda job, model, meta, samples, *a: len(samples))
+        evaluate.SCORERS["segment"] = evaluate._score_segment  # the stage calls it through this table
+    run = importlib.import_module(f"mcis_cli.stages.{stage}").run
     start = time.perf_counter()
     result = run(cfg) if from_run is None else run(cfg, from_run=from_run)
     wall = time.perf_counter() - start
@@ -209,9 +218,11 @@ def _bytes(folder: Path) -> int:
 
 
 def _copies(tmp: Path, root: Path, folder: Path) -> int:
-    """How many copies of a stage's per-image files are on disk (its run folder, the local store)."""
-    name = next(folder.iterdir()).name
-    return sum(1 for f in tmp.rglob(name) if not f.is_relative_to(root))
+    """How many copies of a stage's per-image files are on disk (its run folder, the local store):
+    the files of its first image's name and bytes (every maps stage names its files <id>.npz)."""
+    first = next(folder.iterdir())
+    content = first.read_bytes()
+    return sum(1 for f in tmp.rglob(first.name) if not f.is_relative_to(root) and f.read_bytes() == content)
 
 
 def _disk(run: dict[str, Any], units: int, per_image: float | None, copies: int) -> float:
@@ -245,9 +256,9 @@ def main(sets: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
             runs[stage]["disk"] = _bytes(tmp) - before
             console.print(f"{stage}: {runs[stage]['wall_s']:.0f} s", highlight=False)
         per_image = {stage: _bytes(Path(runs[stage]["outputs"][name])) / N_TRAIN
-                     for stage, name in (("localize", "maps"), ("pseudolabel", "pseudo"))}
+                     for stage, name in PER_IMAGE}
         copies = {stage: _copies(tmp, root, Path(runs[stage]["outputs"][name]))
-                  for stage, name in (("localize", "maps"), ("pseudolabel", "pseudo"))}
+                  for stage, name in PER_IMAGE}
         gt_png = _bytes(root / voc.MASKS) / (N_TRAIN + N_VAL)
     loc = runs["localize"]
     cache = replay_cache(cfg, loc["feature_shape"])
@@ -284,7 +295,7 @@ def main(sets: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
         f"peak RSS: {'over 24 GiB: ' + ', '.join(over) if over else 'every stage under 24 GiB'} "
         f"(the stage's own process; CRF workers not counted); localize's includes its full cache at VOC scale. "
         f"disk: what the stage wrote (its run folder and the local MLflow copy), per image x images for "
-        f"localize/pseudolabel ({copies['localize']} copies each); a ground-truth mask PNG of this tree is "
+        f"localize/pseudolabel/accumulate/integral ({copies['localize']} copies each); a ground-truth mask PNG of this tree is "
         f"{gt_png / 1e3:.1f} kB. localize s/image adds the VOC-scale misses "
         f"below at {loc['miss_s']:.2f} s each; classify and segment steps exclude the first.", highlight=False)
     entry_mib = cache["entry"] / 2**20

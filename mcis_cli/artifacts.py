@@ -29,8 +29,10 @@ LAST = "checkpoints/last.pt"  # the resume state of classify and segment
 MAPS = "maps"  # localize: <id>.npz per training image
 MAP_PREVIEWS = "maps_png"  # localize, localize.previews: <id>_<class>.png per map
 PSEUDO = "pseudo"  # pseudolabel: <id>.png per training image, 255 = ignored
-MAP_STAGES = ("localize",)  # the stages whose runs hold MAPS, pseudolabel's inputs
-MAP_STAGES = (*MAP_STAGES, "psa_cam", "refine")  # PSA's CAMs; the random walk's maps of any maps run
+ACCUMULATED = "accumulated"  # accumulate (OAA): <id>.npz cumulative attention maps per training image
+# the stages whose runs hold MAPS, pseudolabel's inputs (its default first): MCIS's and CAM's maps,
+# OAA's and OAA+'s, PSA's CAMs and the random walk's maps of any maps run
+MAP_STAGES = ("localize", "accumulate", "integral", "psa_cam", "refine")
 
 
 # ---- localization maps -----------------------------------------------------------------------

@@ -198,6 +198,20 @@ def localize(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("localize.part
 
 
 @stage_command
+def accumulate(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("accumulate.epochs=15") = [],  # noqa: B006
+               resume: ResumeOpt = None):
+    """OAA: train its classifier while accumulating its attention maps; write them as maps."""
+    return _stage("accumulate").run(load_config(config, sets), resume=resume)
+
+
+@stage_command
+def integral(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("integral.epochs=15") = [],  # noqa: B006
+             from_run: FromRunOpt = None, resume: ResumeOpt = None):
+    """OAA+: train the integral attention model on an accumulate run's maps; write its maps."""
+    return _stage("integral").run(load_config(config, sets), from_run=from_run, resume=resume)
+
+
+@stage_command
 def pseudolabel(config: ConfigOpt = DEFAULT_CONFIG, sets: set_option("pseudolabel.fg_thr=0.4") = [],  # noqa: B006
                 from_run: FromRunOpt = None, resume: ResumeOpt = None):
     """Pseudo masks from localization maps and a background cue."""

@@ -115,6 +115,50 @@ class LocalizeCfg(Section):
     previews: bool = False  # also write PNG heat maps
 
 
+class OaaTrainCfg(Section):
+    """The training recipe OAA's classifier and OAA+'s integral attention model share: single
+    images, short side resized, no flip, in list order, SGD with iter_size (docs/method.md "OAA and OAA+")."""
+
+    width: float = Field(1.0, gt=0, le=1)  # channel multiplier of the VGG16 backbone
+    batch_norm: bool = False  # BatchNorm after every conv; official: none
+    blocks: int = Field(5, ge=4, le=5)  # VGG16 conv blocks; 4 stops after conv4_3 (official: 5)
+    pretrained: bool = True  # torchvision ImageNet weights (width 1 only)
+    input_size: int = Field(224, ge=32)  # the short side (ResizeShort); the aspect ratio is kept
+    batch_size: int = Field(1, ge=1)  # images per forward; > 1 needs images of one shape
+    iter_size: int = Field(5, ge=1)  # forwards whose gradients make one optimizer step
+    # official: the iter_size counter restarts at each epoch but the gradients of an epoch's last,
+    # incomplete step are kept and join the next epoch's first step (false: they are dropped)
+    carry_partial_step: bool = True
+    epochs: int = Field(15, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    lr_mult: list[float] = Field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    decay_epochs: list[int] = Field(default_factory=lambda: [10])
+    decay_factor: float = 0.1
+    color_jitter: list[float] = Field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
+    amp: bool = False
+    log_every: int = Field(1, ge=1)
+
+
+class AccumulateCfg(OaaTrainCfg):
+    """OAA: the classifier, and how its attention maps accumulate during training."""
+
+    start_epoch: int = Field(1, ge=0)  # official: nothing accumulates in the first epoch (epoch 0)
+    last_epoch_fallback: bool = True  # a class never accepted takes its map of the last epoch
+
+
+class IntegralCfg(OaaTrainCfg):
+    """OAA+: the integral attention model trained on OAA's cumulative maps."""
+
+    # official: the loss of each forward is not divided by iter_size, so a step sums the
+    # gradients of iter_size images (false: divided, as OAA's classifier does)
+    loss_sum_over_iter: bool = True
+    positive_above: float = Field(0.001, ge=0, lt=1)  # target > this: an "enhanced" (positive) pixel
+
+
 class RuleOverrides(Section):
     """A method's own pseudo-mask thresholds: the values it sets replace the section's (MCIS's)."""
 
@@ -261,7 +305,7 @@ class PsaTraining(Section):
     weight_decay: float = 5e-4
     lr_mult: list[float] = Field(default_factory=lambda: [1.0, 2.0, 10.0, 20.0])
     poly_power: float = 0.9
-    momentum_bug: bool = True  # the official SGD call's momentum = weight decay (docs/method.md §13.2)
+    momentum_bug: bool = True  # the official SGD call's momentum = weight decay (docs/method.md §14.2)
     amp: bool = False
     log_every: int = Field(1, ge=1)
 
@@ -396,6 +440,8 @@ class Config(Section):
     data: DataCfg = Field(default_factory=DataCfg)
     classify: ClassifyCfg = Field(default_factory=ClassifyCfg)
     localize: LocalizeCfg = Field(default_factory=LocalizeCfg)
+    accumulate: AccumulateCfg = Field(default_factory=AccumulateCfg)
+    integral: IntegralCfg = Field(default_factory=IntegralCfg)
     pseudolabel: PseudolabelCfg = Field(default_factory=PseudolabelCfg)
     psa: PsaCfg = Field(default_factory=PsaCfg)
     affinity: AffinityCfg = Field(default_factory=AffinityCfg)

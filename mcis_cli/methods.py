@@ -42,7 +42,19 @@ def mcis(cfg: Config, step: Steps) -> StageResult:
     return _classifier_maps("mcis", cfg, step)
 
 
-METHODS: dict[str, MapsChain] = {"cam": cam, "mcis": mcis}
+def oaa(cfg: Config, step: Steps) -> StageResult:
+    """OAA: the cumulative attention maps of its classifier's training."""
+    from mcis_cli.stages import accumulate
+
+    return step("oaa/accumulate", lambda p: accumulate.run(cfg, parent=p))
+
+
+def oaa_plus(cfg: Config, step: Steps) -> StageResult:
+    """OAA+: the integral attention model trained on OAA's cumulative maps (OAA's step, shared)."""
+    from mcis_cli.stages import integral
+
+    accumulated = oaa(cfg, step)
+    return step("oaa+/integral", lambda p: integral.run(cfg, from_run=accumulated.run_id, parent=p))
 
 
 # ---- PSA: its classifier's CAMs, AffinityNet, the random walk; the walk on MCIS's maps --------
@@ -71,7 +83,8 @@ def mcis_rw(cfg: Config, step: Steps) -> StageResult:
     return step("mcis+rw/refine", lambda p: refine.run(cfg, from_run=maps.run_id, affinity_run=aff.run_id, parent=p))
 
 
-METHODS |= {"psa": psa, "mcis+rw": mcis_rw}
+METHODS: dict[str, MapsChain] = {"cam": cam, "oaa": oaa, "oaa+": oaa_plus, "psa": psa, "mcis": mcis,
+                                  "mcis+rw": mcis_rw}
 
 
 def metric_prefix(name: str) -> str:

@@ -34,7 +34,7 @@ from mcis_cli.errors import McisError
 from mcis_cli.progress import console, training_progress
 
 if TYPE_CHECKING:
-    from mcis_cli.config import Config
+    from mcis_cli.config import ClassifyCfg, Config, OaaTrainCfg
 
 
 def check_split(stage: str, batch_size: int) -> None:
@@ -43,6 +43,23 @@ def check_split(stage: str, batch_size: int) -> None:
     if batch_size % world:
         raise McisError(f"{stage}.batch_size {batch_size} does not split over {world} processes; "
                         f"make it a multiple of {world}")
+
+
+def step_decay(c: ClassifyCfg | OaaTrainCfg, epoch: int) -> float:
+    """The official step schedule of classify, accumulate and integral: lr x decay_factor at each
+    decay epoch reached."""
+    return c.lr * c.decay_factor ** sum(epoch >= e for e in c.decay_epochs)
+
+
+def optimizer(model: nn.Module, c: ClassifyCfg | OaaTrainCfg) -> torch.optim.Optimizer:
+    """SGD (official: Nesterov momentum) or AdamW over the four lr-multiplier groups of `model`
+    (`param_groups`: its backbone's weights and biases, then the new layers')."""
+    from mcis_cli.models.mcis import param_groups
+
+    groups = param_groups(model, c.lr, c.lr_mult)
+    if c.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
+    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
 
 
 def loader_options(cfg: Config, device: torch.device) -> dict[str, Any]:
@@ -98,6 +115,14 @@ class Trainer:
         """Update from the loss `total` of the forward (its `parts` are logged): returns
         {"total", *parts} averaged over the ranks. A non-finite one stops before the update, in
         a McisError naming the step (`where`) and the last good checkpoint."""
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.backward(total, parts, where)
+        self.apply()
+        return terms
+
+    def backward(self, total: torch.Tensor, parts: dict[str, torch.Tensor], where: str) -> dict[str, float]:
+        """`step` without the update: the gradients of `total` add to those already there (OAA's
+        iter_size); `apply` makes the update."""
         values = torch.stack([total.detach().float(), *(p.detach().float() for p in parts.values())])
         if self.distributed:
             dist.all_reduce(values)
@@ -109,11 +134,14 @@ class Trainer:
                 f"checkpoint: {self.last_good or 'none yet'}; lower {self.stage}.lr in a new run, or "
                 "check the data"
             )
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        return terms
+
+    def apply(self) -> None:
+        """The optimizer step on the gradients gathered since the last one, which it then clears."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return terms
+        self.optimizer.zero_grad(set_to_none=True)
 
     @contextmanager
     def progress(self, total: int, done: int, lr: float) -> Iterator[None]:

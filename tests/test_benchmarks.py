@@ -37,6 +37,7 @@ def test_fullscale_projection_arithmetic():
     assert units["classify"] == 15 * 2_117  # ceil(10,582 / 5) steps an epoch, the last of 2 pairs
     assert (units["localize"], units["pseudolabel"], units["segment"], units["evaluate"]) == (
         10_582, 10_582, 15_000, 1_449)
+    assert units["accumulate"] == units["integral"] == 15 * 2_116  # 10,582 // (1 x 5): about 31.7k steps
     assert bench._sets(["fullscale", "--set", "device=cuda", "--set", "segment.amp=true"]) == [
         "device=cuda", "segment.amp=true"]
 
@@ -45,3 +46,10 @@ def test_fullscale_disk_scales_only_the_per_image_files():
     written = {"disk": 1_000 + 2 * 10 * 50}  # a fixed 1,000 bytes + 2 copies of 10 files of 50 bytes
     assert bench._disk(written, 100, 50.0, 2) == 1_000 + 2 * 100 * 50
     assert bench._disk({"disk": 7}, 15_000, None, 0) == 7  # a checkpoint: the same whatever the count
+
+
+def test_fullscale_copies_count_a_stages_own_files_only(tmp_path):
+    for folder, content in [("a/maps", b"1"), ("mlruns/a/maps", b"1"), ("b/maps", b"2"), ("voc/maps", b"1")]:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "000001.npz").write_bytes(content)
+    assert bench._copies(tmp_path, tmp_path / "voc", tmp_path / "a" / "maps") == 2  # not b's, not the tree's

@@ -23,10 +23,12 @@ from mcis_cli.config import load_config
 from mcis_cli.data import synth, transforms, voc
 from mcis_cli.models.backbone import IMAGENET_WEIGHTS
 from mcis_cli.stages import (
+    accumulate,
     affinity,
     classify,
     evaluate,
     export,
+    integral,
     localize,
     psa_cam,
     psa_classify,
@@ -86,9 +88,9 @@ def tree(tmp_path_factory, store):
         yield SimpleNamespace(root=root, tmp=tmp)
 
 
-def config(tree, name: str):
+def config(tree, name: str, *counts: str):
     return load_config(REPO / f"configs/{name}.yaml",
-                       [f"data.root={tree.root}", f"output_dir={tree.tmp / 'runs'}", *COUNTS])
+                       [f"data.root={tree.root}", f"output_dir={tree.tmp / 'runs'}", *COUNTS, *counts])
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +167,35 @@ def test_voc12_psa_chain_at_full_width(tree):
         assert maps.shape == (len(sample.labels), *size) and artifacts.load_background(path).shape == size
         mask = transforms.read_index_png(artifacts.mask_file(Path(masks.outputs[artifacts.PSEUDO]), sample.id))
         assert mask.shape == size and set(np.unique(mask)) <= {0, *(c + 1 for c in sample.labels)}
+
+
+OAA_COUNTS = [  # epoch 0 stores nothing, epoch 1 (the last) accumulates; 4 images at iter_size 3
+    "accumulate.epochs=2", "accumulate.iter_size=3", "accumulate.log_every=1",  # leave one image over
+    "integral.epochs=1", "integral.iter_size=3", "integral.log_every=1",
+]
+
+
+def test_voc12_oaa_and_oaa_plus_make_maps_at_the_images_sizes(tree):
+    cfg = config(tree, "voc12_vgg16", *OAA_COUNTS)
+    for c in (cfg.accumulate, cfg.integral):  # the official recipe, at full width from the weights file
+        assert (c.width, c.batch_size, c.input_size, c.pretrained, c.blocks) == (1.0, 1, 224, True, 5)
+    acc = accumulate.run(cfg)
+    plus = integral.run(cfg, from_run=acc.run_id)
+    pseudo = pseudolabel.run(cfg, from_run=plus.run_id)
+    samples = voc.split_samples(tree.root, "train_aug")
+    for sample in samples:
+        shape = transforms.load_image(sample.image).shape[:2]
+        for run in (acc, plus):
+            maps, classes = artifacts.load_maps(artifacts.map_file(Path(run.outputs[artifacts.MAPS]), sample.id))
+            assert maps.shape == (len(sample.labels), *shape) and list(classes) == list(sample.labels)
+            assert 0 <= maps.min() and maps.max() <= 1
+        mask = transforms.read_index_png(artifacts.mask_file(Path(pseudo.outputs[artifacts.PSEUDO]), sample.id))
+        assert mask.shape == shape
+
+    mlc = MlflowClient(tracking.tracking_uri())
+    assert [p.step for p in mlc.get_metric_history(acc.run_id, "lr")] == [0, 1]  # 4 // 3 steps an epoch
+    assert mlc.get_run(acc.run_id).data.metrics["accumulate/stored_frac"] == 1.0  # the last-epoch fallback
+    assert len(mlc.get_metric_history(plus.run_id, "lr")) == 1
+    params = mlc.get_run(pseudo.run_id).data.params
+    assert (params["rule.conflict"], params["rule.att_thr"]) == ("0.9", "0.8")
+    assert mlc.get_run(plus.run_id).data.tags[tracking.METHOD_TAG] == "oaa+"

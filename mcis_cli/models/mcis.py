@@ -120,10 +120,11 @@ def build_classifier(classify_cfg, num_classes: int) -> MCISNet:
     return MCISNet(num_classes, c.width, c.batch_norm, c.blocks, c.affinity, c.affinity_temperature)
 
 
-def param_groups(model: MCISNet, lr: float, lr_mult: list[float]) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, lr: float, lr_mult: list[float]) -> list[dict[str, Any]]:
     """The official four groups: backbone weights / biases, "extra" weights / biases (1x 2x 10x 20x).
 
-    "extra" is everything new: the extra convs, CAM head, W, co-attention head and gate.
+    "extra" is everything outside `model.backbone`: for MCIS the extra convs, CAM head, W,
+    co-attention head and gate; for OAA the extra convs and the class conv.
     """
     names = ["backbone.weight", "backbone.bias", "extra.weight", "extra.bias"]
     params: dict[str, list[nn.Parameter]] = {name: [] for name in names}

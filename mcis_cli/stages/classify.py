@@ -29,7 +29,6 @@ from mcis_cli.models.mcis import (
     build_classifier,
     gap,
     mcis_loss,
-    param_groups,
 )
 from mcis_cli.stages import StageResult
 from mcis_cli.tracking import Nest, Tracker
@@ -136,19 +135,6 @@ class Criterion(nn.Module):
         return mcis_loss(self.model, batch, epoch, self.cfg)
 
 
-def step_decay(c: ClassifyCfg, epoch: int) -> float:
-    """The official schedule: lr x decay_factor at each decay epoch reached."""
-    return c.lr * c.decay_factor ** sum(epoch >= e for e in c.decay_epochs)
-
-
-def _optimizer(model: MCISNet, c: ClassifyCfg) -> torch.optim.Optimizer:
-    groups = param_groups(model, c.lr, c.lr_mult)
-    if c.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
-    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
-                           weight_decay=c.weight_decay)
-
-
 class Trainer(training.Trainer):
     """The classifier, its optimizer and its loss (under DDP when distributed); `train_epoch` is
     the timed loop, `validate` the check after each epoch (by the process that reports)."""
@@ -159,13 +145,13 @@ class Trainer(training.Trainer):
         if imagenet:
             load_imagenet(model.backbone, c.batch_norm)
         model.to(device)
-        super().__init__(NAME, model, _optimizer(model, c), device, c.amp, c.log_every, cfg.speed)
+        super().__init__(NAME, model, training.optimizer(model, c), device, c.amp, c.log_every, cfg.speed)
         # find_unused_parameters: the gate waits for contrastive_from_epoch
         self.criterion = self.parallel(Criterion(model, c), find_unused_parameters=True)
 
     def train_epoch(self, loader, epoch: int, step: int, tracker: Tracker | None) -> tuple[int, float]:
         """Train one epoch at its lr from global step `step`; returns (next step, mean total loss)."""
-        lr = step_decay(self.ccfg, epoch)
+        lr = training.step_decay(self.ccfg, epoch)
         self.set_lr(lr)
         self.model.train()
         totals = []

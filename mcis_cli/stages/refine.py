@@ -11,7 +11,7 @@ The dense T of a VOC image (about 63 x 47 cells) is some 3,000 x 3,000 floats, 3
 with more than `refine.max_cells` cells is refused rather than run out of memory.
 `refine.walk: sparse` takes 2^logt products with a sparse T instead: the same maps to float
 tolerance, no cells x cells matrix, 1.5 s instead of 8.3 s an image on 2 shared CPU cores at
-VOC size (benchmarks/bench_walk.py, docs/method.md §13.4). On a GPU the
+VOC size (benchmarks/bench_walk.py, docs/method.md §14.4). On a GPU the
 walk runs there; under torchrun the images are shared out by `job.map`.
 """
 
