@@ -379,7 +379,7 @@ def test_serve_segments_new_images_with_the_registered_model(logged_in, toy_root
     with engine.stage_run(cfg, "export") as tracker:
         example = np.zeros((1, 3, 32, 32), np.float32)
         info = tracking.log_onnx_model(tracker, segmenter(classes), "model", example, "mcis-deeplab")
-    MlflowClient().set_registered_model_alias("mcis-deeplab", "champion", info.registered_model_version)
+    MlflowClient(tracking.tracking_uri()).set_registered_model_alias("mcis-deeplab", "champion", info.registered_model_version)
 
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     inbox.mkdir()

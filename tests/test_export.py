@@ -97,7 +97,7 @@ def test_onnxruntime_matches_torch_at_three_sizes(exported):
     assert 0 <= result.metrics["parity/max_abs_diff"] <= 1e-3
     assert result.metrics["parity/argmax_agree"] > 0.999
     assert not any(key.startswith("speed/") for key in result.metrics)  # timing is `make bench`'s
-    logged = MlflowClient().get_run(result.run_id).data.metrics
+    logged = MlflowClient(tracking.tracking_uri()).get_run(result.run_id).data.metrics
     assert logged["parity/max_abs_diff"] == pytest.approx(result.metrics["parity/max_abs_diff"])
 
 
@@ -116,8 +116,8 @@ def test_registered_version_is_tagged_and_served(exported, tmp_path):
     uri = result.outputs["registered"]
     assert uri == "models:/mcis-deeplab-toy/1"  # toy.yaml's name: never the VOC model's
     assert result.outputs["challenger"] == "models:/mcis-deeplab-toy@challenger"
-    assert tracking.registry.aliases(MlflowClient().get_registered_model("mcis-deeplab-toy")) == {"challenger": "1"}
-    tags = MlflowClient().get_model_version("mcis-deeplab-toy", "1").tags
+    assert tracking.registry.aliases(MlflowClient(tracking.tracking_uri()).get_registered_model("mcis-deeplab-toy")) == {"challenger": "1"}
+    tags = MlflowClient(tracking.tracking_uri()).get_model_version("mcis-deeplab-toy", "1").tags
     assert tags["miou"] == "0.42" and tags["mcis.source_run"] == source
     assert (tags["mcis.role"], tags["mcis.labels"]) == ("method", "pseudo")
     assert json.loads(tags["onnxruntime"]) == {"providers": ["CPUExecutionProvider"],
@@ -149,14 +149,14 @@ def test_only_the_method_becomes_the_challenger(exported, store):
     """A ceiling export is registered and tagged, but @challenger stays on the method's version."""
     cfg = exported[0]
     source = segment_run(cfg, spread_model(), val_miou=0.9)
-    MlflowClient().set_tag(source, tracking.ROLE_TAG, tracking.CEILING)
-    MlflowClient().set_tag(source, tracking.LABELS_TAG, "gt")
-    before = MlflowClient().get_registered_model("mcis-deeplab-toy").aliases
+    MlflowClient(tracking.tracking_uri()).set_tag(source, tracking.ROLE_TAG, tracking.CEILING)
+    MlflowClient(tracking.tracking_uri()).set_tag(source, tracking.LABELS_TAG, "gt")
+    before = MlflowClient(tracking.tracking_uri()).get_registered_model("mcis-deeplab-toy").aliases
     result = export.run(cfg, from_run=source, ceiling=True)
     version = result.outputs["registered"].rsplit("/", 1)[1]
-    assert MlflowClient().get_model_version("mcis-deeplab-toy", version).tags["mcis.role"] == "ceiling"
+    assert MlflowClient(tracking.tracking_uri()).get_model_version("mcis-deeplab-toy", version).tags["mcis.role"] == "ceiling"
     assert "challenger" not in result.outputs
-    assert MlflowClient().get_registered_model("mcis-deeplab-toy").aliases == before
+    assert MlflowClient(tracking.tracking_uri()).get_registered_model("mcis-deeplab-toy").aliases == before
 
 
 def test_unknown_registry_version_is_one_line(store, tmp_path):
@@ -212,8 +212,8 @@ def test_beyond_tolerance_fails_and_writes_nothing(store, tmp_path, monkeypatch)
         export.run(cfg, from_run=source, out=out)
     assert out.read_bytes() == b"the model being served"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["served.onnx"]
-    runs = MlflowClient().search_runs(
-        [MlflowClient().get_experiment_by_name("export-test").experiment_id],
+    runs = MlflowClient(tracking.tracking_uri()).search_runs(
+        [MlflowClient(tracking.tracking_uri()).get_experiment_by_name("export-test").experiment_id],
         f"tags.`mcis.source_run` = '{source}'")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.metrics["parity/max_abs_diff"] > 0
@@ -286,7 +286,7 @@ def test_fp16_export_is_checked_against_torch_and_registered_as_fp16(store):
     assert 0 < result.metrics["fp16/max_rel_diff"] <= cfg.export.fp16_tolerance
     assert result.metrics["fp16/argmax_agree"] > 0.98
     version = result.outputs["registered"].rsplit("/", 1)[1]
-    tags = MlflowClient().get_model_version("mcis-deeplab-toy", version).tags
+    tags = MlflowClient(tracking.tracking_uri()).get_model_version("mcis-deeplab-toy", version).tags
     assert (tags["precision"], tags["file"], tags["serving"]) == ("fp16", "model.fp16.onnx", "cpu")
     assert float(tags["fp16/max_rel_diff"]) == pytest.approx(result.metrics["fp16/max_rel_diff"])
 

@@ -217,9 +217,9 @@ def test_accumulate_resumes_with_its_checkpointed_maps(tmp_path, toy_root, store
     folder = Path(done.outputs[artifacts.ACCUMULATED])
     expected = _store(folder)
     assert len(expected) == 48  # every image has its cumulative maps
-    run = MlflowClient().get_run(done.run_id)
+    run = MlflowClient(tracking.tracking_uri()).get_run(done.run_id)
     assert run.data.tags[tracking.METHOD_TAG] == "oaa" and run.data.metrics["accumulate/stored_frac"] == 1.0
-    assert [p.step for p in MlflowClient().get_metric_history(done.run_id, "lr")] == list(range(3 * 6))
+    assert [p.step for p in MlflowClient(tracking.tracking_uri()).get_metric_history(done.run_id, "lr")] == list(range(3 * 6))
 
     cfg = load_config(tiny_config(tmp_path, toy_root, "oaa_killed", accumulate=TINY))
     real, calls = accumulate.update_image, []
@@ -260,7 +260,7 @@ def test_integral_trains_on_an_accumulate_run_and_refuses_bad_input(tmp_path, to
     [run] = tracking.find_runs(cfg, "integral")
     assert run.tags[tracking.METHOD_TAG] == "oaa+" and run.tags[tracking.SOURCE_TAG] == source.run_id
     assert 0 < run.metrics["maps/miou"] <= 1 and run.metrics["maps/images"] == 48
-    history = MlflowClient().get_metric_history(run.run_id, "loss/total")
+    history = MlflowClient(tracking.tracking_uri()).get_metric_history(run.run_id, "loss/total")
     assert len(history) == 2 * 6 and all(math.isfinite(p.value) for p in history)
 
     runs_before = len(list((tmp_path / "runs").iterdir()))
@@ -276,7 +276,7 @@ def test_pipeline_compares_cam_oaa_oaa_plus_and_mcis(tmp_path, toy_root, store):
     config = tiny_config(tmp_path, toy_root, "oaa_compare", accumulate=TINY, integral={**TINY, "epochs": 2})
     result = CliRunner().invoke(app, ["pipeline", "--config", str(config), "--methods", "cam,oaa,oaa+,mcis"])
     assert result.exit_code == 0, result.output
-    mlc = MlflowClient()
+    mlc = MlflowClient(tracking.tracking_uri())
     experiment = mlc.get_experiment_by_name("oaa_compare")
     runs = mlc.search_runs([experiment.experiment_id])
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
