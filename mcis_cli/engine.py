@@ -251,7 +251,7 @@ class Job:
             tracking.ROLE_TAG: role or tracking.chain_role(self.stage.name, cfg, source),
             KEY_TAG: self.key,
             "mcis.dataset": cfg.data.root,
-            "mcis.dataset_fingerprint": fingerprint,
+            tracking.FINGERPRINT_TAG: fingerprint,
             "mlflow.source.git.commit": git_commit(),
             "mlflow.source.name": "mcis " + self.stage.name,
         }

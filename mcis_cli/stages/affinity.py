@@ -80,7 +80,7 @@ class Criterion(torch.nn.Module):
 
 
 def _check(cfg: Config, source: tracking.SourceRun) -> None:
-    if source.tags.get("mcis.dataset_fingerprint") != dataset_fingerprint(cfg.data.root):
+    if source.tags.get(tracking.FINGERPRINT_TAG) != dataset_fingerprint(cfg.data.root):
         raise McisError(f"maps run {source.run_id} was made on another dataset than {cfg.data.root} "
                         "(its lists differ); train AffinityNet on the dataset of its maps")
 

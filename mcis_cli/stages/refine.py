@@ -28,8 +28,6 @@ from mcis_cli.models.psa import AffinityNet
 from mcis_cli.provenance import dataset_fingerprint
 from mcis_cli.stages import StageResult
 
-FINGERPRINT = "mcis.dataset_fingerprint"
-
 
 def padded_input(image: np.ndarray, k: int = psa.STRIDE) -> torch.Tensor:
     """The normalised image zero-padded at the bottom and right to a multiple of k (infer_aff.py:73-89)."""
@@ -72,7 +70,7 @@ def check_inputs(cfg: Config, maps: tracking.SourceRun, meta: dict, names: list[
         raise McisError(f"affinity run {affinity_id} was trained on another dataset ({meta['num_classes']} "
                         f"classes, lists {meta['dataset']}) than {cfg.data.root} ({len(names)} classes, lists "
                         f"{here}); train AffinityNet on this dataset")
-    if maps.tags.get(FINGERPRINT) != meta["dataset"]:
+    if maps.tags.get(tracking.FINGERPRINT_TAG) != meta["dataset"]:
         raise McisError(f"maps run {maps.run_id} holds other images than affinity run {affinity_id} was "
                         "trained on (their dataset lists differ); refine maps of the AffinityNet's dataset")
     if cfg.refine.radius is not None and cfg.refine.radius != meta["radius"]:

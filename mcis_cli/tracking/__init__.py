@@ -41,6 +41,7 @@ from mcis_cli.tracking.store import (
     BASELINE,
     CEILING,
     END_TAG,
+    FINGERPRINT_TAG,
     KIND_TAG,
     LABELS_TAG,
     METHOD,
@@ -65,7 +66,7 @@ from mcis_cli.tracking.store import (
 )
 
 __all__ = [
-    "ABLATION", "BASELINE", "CEILING", "CHALLENGER", "CHAMPION", "END_TAG", "ORT_KEYS", "KIND_TAG", "LABELS_TAG", "METHOD", "METHOD_TAG", "ROLE_TAG",
+    "ABLATION", "BASELINE", "CEILING", "CHALLENGER", "CHAMPION", "END_TAG", "FINGERPRINT_TAG", "ORT_KEYS", "KIND_TAG", "LABELS_TAG", "METHOD", "METHOD_TAG", "ROLE_TAG",
     "SOURCE_TAG", "STAGE_TAG", "STEP_TAG", "TRAINING_KIND", "UNSENT", "WAIT_ENV",
     "Nest", "SourceRun", "Tracker",
     "client", "download_model", "experiment_id", "experiment_name", "find_runs", "finished_children", "fluent", "PROCESS_TAG",

@@ -29,6 +29,7 @@ STAGE_TAG = "mcis.stage"
 SOURCE_TAG = "mcis.source_run"
 STEP_TAG = "mcis.step"  # a pipeline's name for the step a nested run is: classify, segment_gt, ...
 ROLE_TAG = "mcis.role"  # which chain a run belongs to: one of ROLES
+FINGERPRINT_TAG = "mcis.dataset_fingerprint"  # provenance.dataset_fingerprint of the run's data
 METHOD_TAG = "mcis.method"  # the method whose chain a run is part of: cam, oaa, oaa+, psa, mcis, ...
 METHOD, BASELINE, CEILING, ABLATION = "method", "baseline", "ceiling", "ablation"
 LABELS_TAG = "mcis.labels"  # set by segment: "gt" marks the fully supervised ceiling
