@@ -14,6 +14,8 @@ probabilities reach the workers through shared memory, and only label maps are p
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import secrets
 import select
@@ -41,6 +43,9 @@ EPS = 1e-4  # probability floor of the unary [code eval_res.py]
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 SHM_PREFIX = "mcis-crf"  # segments are named mcis-crf-<pid>-<random>: whose a leftover is, at a glance
 SHM_DIR = "/dev/shm"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+HEAP_KEPT = 1 << 30  # free heap memory a process keeps instead of returning it to the kernel
+MMAP_FROM = 32 << 20  # allocations mmap()ed of their own: glibc's own dynamic maximum
 
 
 def _kernels(params: CrfCfg) -> dict[str, float]:
@@ -48,9 +53,26 @@ def _kernels(params: CrfCfg) -> dict[str, float]:
     return params.model_dump()
 
 
+@functools.cache
+def keep_heap() -> None:
+    """Keep the CRF's freed buffers for the next image (glibc; elsewhere nothing).
+
+    By default free() hands the top of the heap back to the kernel once 2x the mmap threshold
+    lies free there, so every image faulted its buffers (about 100 MB at 500 px) in afresh:
+    that halved the CRF's speed in one process, and a pool's workers faulted at once, which two
+    cores do not do twice as fast. Setting the trim threshold freezes glibc's dynamic mmap
+    threshold, so that one is pinned where the dynamic rule would have grown it. Once per process.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_TRIM_THRESHOLD, HEAP_KEPT)
+        mallopt(M_MMAP_THRESHOLD, MMAP_FROM)
+
+
 def _dense_crf(image: np.ndarray, probs: np.ndarray, k: dict[str, float]) -> np.ndarray:
     import pydensecrf.densecrf as dcrf
 
+    keep_heap()
     c, h, w = probs.shape
     if image.shape != (h, w, 3):
         raise ValueError(f"image {image.shape} does not match probabilities {probs.shape}")
