@@ -19,6 +19,7 @@ from mcis_cli.data import synth, transforms, voc
 from mcis_cli.models.psa import AffinityNet, PSAClassifier, optimizer, param_groups
 from mcis_cli.stages import affinity, psa_cam, psa_classify, pseudolabel, refine
 from mcis_cli.stages.pseudolabel import walk_labels
+from tests import ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,6 +92,45 @@ def test_the_affinity_run_keeps_confident_labels_of_every_image(chain):
     assert np.allclose(low.sum(0), 1, atol=0.02)  # CRF marginals, 1/255 steps
     # a high alpha shrinks the background score, so the CRF leaves less background than at the low
     assert (high.argmax(0) == 0).mean() <= (low.argmax(0) == 0).mean()
+
+
+def _maps(cfg, stage: str, run_id: str) -> dict[str, np.ndarray]:
+    run = tracking.resolve_run(cfg, stage, run_id)
+    return {p.stem: artifacts.load_maps(p)[0] for p in sorted(run.fetch(artifacts.MAPS).glob("*.npz"))}
+
+
+def _confident(chain, run_id: str) -> dict[str, dict[str, np.ndarray]]:
+    folder = Path(chain["tmp"]) / "runs" / run_id / engine.RECORDS / affinity.LABELS
+    return {p.stem: dict(np.load(p)) for p in sorted(folder.glob("*.npz"))}
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_cams_confident_labels_and_walks_of_one_process(chain):
+    """psa cam, affinity's confident labels and refine share their images out under torchrun;
+    what each image gets must not depend on which rank computed it."""
+    cfg = chain["cfg"]
+
+    def two_ranks(stage: str, *args: str) -> str:
+        done = ranks.torchrun([*args, "--config", str(Path(chain["tmp"]) / "psa.yaml")])
+        assert done.returncode == 0, done.stderr[-3000:]
+        return tracking.find_runs(cfg, stage)[0].run_id
+
+    cams = two_ranks("psa_cam", "psa", "cam", "--from-run", chain["psa_classify"].run_id)
+    expected = _maps(cfg, "psa_cam", chain["psa_cam"].run_id)
+    got = _maps(cfg, "psa_cam", cams)
+    assert got.keys() == expected.keys() and len(got) == len(voc.train_samples(cfg.data))
+    assert all(np.abs(got[i].astype(np.float32) - expected[i]).max() <= 1e-6 for i in got)
+
+    aff = two_ranks("affinity", "affinity", "--from-run", chain["psa_cam"].run_id)
+    got, expected = _confident(chain, aff), _confident(chain, chain["affinity"].run_id)
+    assert got.keys() == expected.keys() and len(got) == len(voc.train_samples(cfg.data))
+    assert all(np.array_equal(got[i][k], expected[i][k]) for i in got for k in ("low", "high"))
+
+    walked = two_ranks("refine", "refine", "--from-run", chain["psa_cam"].run_id, "--affinity-run", chain["affinity"].run_id)
+    expected = _maps(cfg, "refine", chain["refine"].run_id)
+    got = _maps(cfg, "refine", walked)
+    assert got.keys() == expected.keys()
+    assert all(np.abs(got[i].astype(np.float32) - expected[i]).max() <= 1e-6 for i in got)
 
 
 def test_refine_resumes_nothing_twice_and_reuses_the_finished_run_for_the_same_key(chain):
