@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/toy.yaml
-METHODS ?= cam,mcis
+METHODS ?= cam,oaa,oaa+,psa,mcis,mcis+rw
 SEEDS   ?= 100,101,102
 PYTEST_ARGS ?=
 

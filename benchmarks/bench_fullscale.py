@@ -8,8 +8,8 @@ images, the config's classifier epochs at its batch of pairs, its segmenter iter
 1,449 val images. The localization feature cache is replayed at VOC scale (10,582 images, VOC's
 label-count histogram) to show that it stays within localize.cache_mb, and how often it misses.
 
-`python -m benchmarks fullscale` (3.5 minutes on 2 idle CPU cores), or
-`python -m benchmarks.bench_fullscale --set device=cuda` on a GPU box.
+`python -m benchmarks fullscale`, or `python -m benchmarks.bench_fullscale --set device=cuda` on
+a GPU box; `--stages refine,integral` runs those stages and the ones they read.
 """
 
 from __future__ import annotations
@@ -32,17 +32,19 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import scratch_store
-from mcis_cli import devices, training
+from mcis_cli import devices, engine, training
 from mcis_cli.config import Config, load_config
 from mcis_cli.data import synth, voc
-from mcis_cli.stages import evaluate, localize, pseudolabel
+from mcis_cli.stages import affinity, evaluate, localize, psa_cam, pseudolabel, refine
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "voc12_vgg16.yaml"
-N_TRAIN, N_VAL = 10, 2  # two classifier steps of 5 pairs; 16 images would fill one localize batch
+N_TRAIN, N_VAL = 16, 2  # one batch of PSA's classifier; three classifier steps of 5 pairs
 TRAIN_IMAGES, VAL_IMAGES = 10_582, 1_449  # train_aug, val [docs/method.md §1.4, §4.3]
 VOC_LABEL_COUNTS = {1: 6746, 2: 2894, 3: 774, 4: 141, 5: 27}  # classes per image, train_cls.txt [docs/method.md §7]
 RSS_LIMIT = 24 * 2**30
-PER_IMAGE = (("localize", "maps"), ("pseudolabel", "pseudo"), ("accumulate", "maps"), ("integral", "maps"))
+LABELS_ROW = "affinity labels"  # the per-image part of the affinity stage: two CRFs an image
+PER_IMAGE = (("localize", "maps"), ("pseudolabel", "pseudo"), ("accumulate", "maps"), ("integral", "maps"),
+             ("psa_cam", "maps"), (LABELS_ROW, affinity.LABELS), ("refine", "maps"))
 MISS_SAMPLES = 8  # images timed, in the cache's batches, for the cost of a cache miss
 COUNTS = [  # steps and images only; the random init costs what the ImageNet one does
     "data.workers=0", "classify.epochs=1", "classify.contrastive_from_epoch=0", "classify.log_every=1",
@@ -52,12 +54,22 @@ COUNTS = [  # steps and images only; the random init costs what the ImageNet one
     # epoch 0 stores nothing); their units are training steps, the maps pass after it is not projected
     "accumulate.epochs=1", "accumulate.start_epoch=0", "accumulate.pretrained=false", "accumulate.log_every=1",
     "integral.epochs=1", "integral.pretrained=false", "integral.log_every=1",
+    # PSA: two epochs of one 16-image classifier step, one epoch of two 8-crop AffinityNet steps
+    "psa.epochs=2", "psa.pretrained=false", "psa.log_every=1",
+    "affinity.epochs=1", "affinity.pretrained=false", "affinity.log_every=1",
 ]
-STAGES = ("classify", "localize", "pseudolabel", "segment", "evaluate", "export", "accumulate", "integral")
-SOURCE = {"localize": "classify", "pseudolabel": "localize", "segment": "pseudolabel",
-          "evaluate": "segment", "export": "segment", "integral": "accumulate"}
+STAGES = ("classify", "localize", "pseudolabel", "segment", "evaluate", "export", "accumulate", "integral",
+          "psa_classify", "psa_cam", "affinity", "refine")
+ROWS = (*STAGES[:-1], LABELS_ROW, STAGES[-1])
+INPUTS = {"localize": {"from_run": "classify"}, "pseudolabel": {"from_run": "localize"},
+          "segment": {"from_run": "pseudolabel"}, "evaluate": {"from_run": "segment"},
+          "export": {"from_run": "segment"}, "integral": {"from_run": "accumulate"},
+          "psa_cam": {"from_run": "psa_classify"}, "affinity": {"from_run": "psa_cam"},
+          "refine": {"from_run": "psa_cam", "affinity_run": "affinity"}}
 UNIT = {"classify": "step", "localize": "image", "pseudolabel": "image", "segment": "step",
-        "evaluate": "image", "export": "run", "accumulate": "step", "integral": "step"}
+        "evaluate": "image", "export": "run", "accumulate": "step", "integral": "step",
+        "psa_classify": "step", "psa_cam": "image (4 scales + flip)", "affinity": "step",
+        LABELS_ROW: "image (2 CRFs)", "refine": "image (walk)"}
 
 
 def project(unit_seconds: float, units: int) -> float:
@@ -69,12 +81,16 @@ def budget(cfg: Config) -> dict[str, int]:
     """Units of each stage in the paper's run: classifier steps over its epochs (the last batch of
     an epoch may be short), every training image localized and labelled, the segmenter's
     iterations, every val image scored, one export; OAA's and OAA+'s steps of batch x iter_size
-    images (an epoch's incomplete step joins the next one's first)."""
+    images (an epoch's incomplete step joins the next one's first); PSA's full batches (drop_last),
+    and every training image through its CAMs, its confident labels and its walk."""
     c = cfg.classify
     oaa = {stage: part.epochs * (TRAIN_IMAGES // (part.batch_size * part.iter_size))
            for stage, part in (("accumulate", cfg.accumulate), ("integral", cfg.integral))}
+    psa = {stage: part.epochs * (TRAIN_IMAGES // part.batch_size)
+           for stage, part in (("psa_classify", cfg.psa), ("affinity", cfg.affinity))}
     return {"classify": c.epochs * math.ceil(TRAIN_IMAGES / c.batch_size), "localize": TRAIN_IMAGES,
-            "pseudolabel": TRAIN_IMAGES, "segment": cfg.segment.iters, "evaluate": VAL_IMAGES, "export": 1, **oaa}
+            "pseudolabel": TRAIN_IMAGES, "segment": cfg.segment.iters, "evaluate": VAL_IMAGES, "export": 1,
+            **oaa, **psa, "psa_cam": TRAIN_IMAGES, LABELS_ROW: TRAIN_IMAGES, "refine": TRAIN_IMAGES}
 
 
 # ---- one stage, in its own process -------------------------------------------------------------
@@ -131,10 +147,10 @@ def _step_ticks() -> list[float]:
     return ticks
 
 
-def _stage(stage: str, overrides: list[str], from_run: str | None) -> dict[str, Any]:
+def _stage(stage: str, overrides: list[str], inputs: dict[str, str]) -> dict[str, Any]:
     """Run one stage (in a fresh process) and measure it."""
     cfg = load_config(CONFIG, overrides)
-    ticks, caches, span = _step_ticks(), [], None
+    ticks, caches, span, labels = _step_ticks(), [], None, None
     if stage == "localize":
         span = _span_yields(localize, "compute_maps")
 
@@ -149,9 +165,15 @@ def _stage(stage: str, overrides: list[str], from_run: str | None) -> dict[str, 
     elif stage == "evaluate":
         span = _span_calls(evaluate, "_score_segment", lambda job, model, meta, samples, *a: len(samples))
         evaluate.SCORERS["segment"] = evaluate._score_segment  # the stage calls it through this table
+    elif stage == "psa_cam":
+        span = _span_calls(psa_cam, "cams", lambda *a: 1)
+    elif stage == "refine":
+        span = _span_calls(refine, "refine_maps", lambda *a: 1)
+    elif stage == "affinity":
+        labels = _span_yields(affinity, "crf_scores")
     run = importlib.import_module(f"mcis_cli.stages.{stage}").run
     start = time.perf_counter()
-    result = run(cfg) if from_run is None else run(cfg, from_run=from_run)
+    result = run(cfg, **inputs)
     wall = time.perf_counter() - start
     if ticks:
         unit = float(np.diff(ticks).mean())
@@ -162,6 +184,9 @@ def _stage(stage: str, overrides: list[str], from_run: str | None) -> dict[str, 
            "cuda": torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None}
     if caches:
         out |= _miss_cost(caches[0])
+    if labels:
+        records = engine.workdir(cfg, result.run_id) / engine.RECORDS / affinity.LABELS
+        out |= {"labels_s": labels.per_unit(), "outputs": {**result.outputs, affinity.LABELS: str(records)}}
     return out
 
 
@@ -239,7 +264,19 @@ def _machine() -> str:
     return f"{os.cpu_count()} CPUs ({model}){gpu}, {torch.get_num_threads()} torch threads"
 
 
-def main(sets: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+def chain(wanted: Sequence[str]) -> tuple[str, ...]:
+    """The stages `wanted` and every stage they read, in STAGES order."""
+    needed, todo = set(), list(wanted)
+    while todo:
+        stage = todo.pop()
+        if stage not in STAGES:
+            raise SystemExit(f"no stage {stage!r} in the bench; choose from {', '.join(STAGES)}")
+        needed.add(stage)
+        todo += INPUTS.get(stage, {}).values()
+    return tuple(s for s in STAGES if s in needed)
+
+
+def main(sets: Sequence[str] = (), stages: Sequence[str] = STAGES) -> dict[str, dict[str, Any]]:
     console = Console(width=max(Console().width, 120))
     load = os.getloadavg()[0]
     with scratch_store() as tmp:
@@ -248,23 +285,27 @@ def main(sets: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
         overrides = [f"data.root={root}", f"output_dir={tmp / 'runs'}", *COUNTS, *sets]
         cfg = load_config(CONFIG, [f"data.root={root}", *sets])  # the recipe's counts, for the budget
         runs: dict[str, dict[str, Any]] = {}
-        for stage in STAGES:
+        for stage in chain(stages):
             before = _bytes(tmp)
-            source = runs[SOURCE[stage]]["run_id"] if stage in SOURCE else None
+            inputs = {arg: runs[source]["run_id"] for arg, source in INPUTS.get(stage, {}).items()}
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                runs[stage] = pool.submit(_stage, stage, overrides, source).result()
+                runs[stage] = pool.submit(_stage, stage, overrides, inputs).result()
             runs[stage]["disk"] = _bytes(tmp) - before
             console.print(f"{stage}: {runs[stage]['wall_s']:.0f} s", highlight=False)
+        if "affinity" in runs:  # its labels' share of the stage: the same process, their files
+            runs[LABELS_ROW] = {**runs["affinity"], "unit_s": runs["affinity"]["labels_s"], "disk": 0}
         per_image = {stage: _bytes(Path(runs[stage]["outputs"][name])) / N_TRAIN
-                     for stage, name in PER_IMAGE}
+                     for stage, name in PER_IMAGE if stage in runs}
         copies = {stage: _copies(tmp, root, Path(runs[stage]["outputs"][name]))
-                  for stage, name in PER_IMAGE}
+                  for stage, name in PER_IMAGE if stage in runs}
         gt_png = _bytes(root / voc.MASKS) / (N_TRAIN + N_VAL)
-    loc = runs["localize"]
-    cache = replay_cache(cfg, loc["feature_shape"])
-    measured_misses = loc["misses"] / N_TRAIN
-    loc["unit_s"] += max(0.0, cache["misses_per_image"] - measured_misses) * loc["miss_s"]
-    loc["rss"] += cache["peak"] - loc["cache_peak"] + cache["held"]
+    rows = [row for row in ROWS if row in runs]
+    loc = runs.get("localize")
+    if loc:
+        cache = replay_cache(cfg, loc["feature_shape"])
+        measured_misses = loc["misses"] / N_TRAIN
+        loc["unit_s"] += max(0.0, cache["misses_per_image"] - measured_misses) * loc["miss_s"]
+        loc["rss"] += cache["peak"] - loc["cache_peak"] + cache["held"]
 
     units = budget(cfg)
     gpu = any(r["cuda"] is not None for r in runs.values())
@@ -276,7 +317,7 @@ def main(sets: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     for column in columns:
         table.add_column(column, justify="left" if column in ("stage", "unit") else "right")
     total_h = total_disk = 0.0
-    for stage in STAGES:
+    for stage in rows:
         r, n = runs[stage], units[stage]
         hours = project(r["unit_s"], n)
         disk = _disk(r, n, per_image.get(stage), copies.get(stage, 0))
@@ -290,29 +331,31 @@ def main(sets: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     table.add_row("total", "", "", "", f"{total_h:.1f}", f"{max(r['rss'] for r in runs.values()) / 2**30:.2f}",
                   *([""] if gpu else []), "", f"{total_disk / 1e9:.1f}", style="bold")
     console.print(table)
-    over = [s for s in STAGES if runs[s]["rss"] >= RSS_LIMIT]
+    over = [s for s in rows if runs[s]["rss"] >= RSS_LIMIT]
+    per_image_rows = "/".join(stage for stage, _ in PER_IMAGE if stage in runs)
     console.print(
         f"peak RSS: {'over 24 GiB: ' + ', '.join(over) if over else 'every stage under 24 GiB'} "
-        f"(the stage's own process; CRF workers not counted); localize's includes its full cache at VOC scale. "
-        f"disk: what the stage wrote (its run folder and the local MLflow copy), per image x images for "
-        f"localize/pseudolabel/accumulate/integral ({copies['localize']} copies each); a ground-truth mask PNG of this tree is "
-        f"{gt_png / 1e3:.1f} kB. localize s/image adds the VOC-scale misses "
-        f"below at {loc['miss_s']:.2f} s each; classify and segment steps exclude the first.", highlight=False)
-    entry_mib = cache["entry"] / 2**20
-    console.print(
-        f"localize cache at VOC scale: {entry_mib:.1f} MiB per image ({'x'.join(map(str, loc['feature_shape']))} "
-        f"float32 at {cfg.classify.input_size} px, width {cfg.classify.width}); localize.cache_mb "
-        f"{cfg.localize.cache_mb} holds {cache['fit']:,} of {TRAIN_IMAGES:,} images; peak "
-        f"{cache['peak'] / 2**20:,.0f} MiB <= {cache['budget'] / 2**20:,.0f} MiB; hit rate "
-        f"{cache['hit_rate']:.1%}, {cache['misses_per_image']:.2f} misses per image; one batch holds "
-        f"{cache['held'] / 2**20:,.0f} MiB more while it runs.", highlight=False)
+        f"(the stage's own process; CRF workers not counted). disk: what the stage wrote (its run folder "
+        f"and the local MLflow copy), per image x images for {per_image_rows} (copies: "
+        f"{', '.join(f'{k} {v}' for k, v in copies.items())}); a ground-truth mask PNG of this tree is "
+        f"{gt_png / 1e3:.1f} kB. Training steps exclude the first.", highlight=False)
+    if loc:
+        console.print(
+            f"localize s/image adds the VOC-scale misses at {loc['miss_s']:.2f} s each, and its RSS its full "
+            f"cache: {cache['entry'] / 2**20:.1f} MiB per image ({'x'.join(map(str, loc['feature_shape']))} "
+            f"float32 at {cfg.classify.input_size} px, width {cfg.classify.width}); localize.cache_mb "
+            f"{cfg.localize.cache_mb} holds {cache['fit']:,} of {TRAIN_IMAGES:,} images; peak "
+            f"{cache['peak'] / 2**20:,.0f} MiB <= {cache['budget'] / 2**20:,.0f} MiB; hit rate "
+            f"{cache['hit_rate']:.1%}, {cache['misses_per_image']:.2f} misses per image; one batch holds "
+            f"{cache['held'] / 2**20:,.0f} MiB more while it runs.", highlight=False)
     return runs
 
 
-def _sets(argv: Sequence[str]) -> list[str]:
-    """The values of `--set KEY=VALUE` options."""
-    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--set"]
+def _values(argv: Sequence[str], option: str) -> list[str]:
+    """The values given to `option` (`--set KEY=VALUE`, `--stages a,b`)."""
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
 
 
 if __name__ == "__main__":
-    main(_sets(sys.argv[1:]))
+    wanted = [s for value in _values(sys.argv[1:], "--stages") for s in value.split(",")]
+    main(_values(sys.argv[1:], "--set"), wanted or STAGES)

@@ -38,12 +38,22 @@ def test_fullscale_projection_arithmetic():
     assert (units["localize"], units["pseudolabel"], units["segment"], units["evaluate"]) == (
         10_582, 10_582, 15_000, 1_449)
     assert units["accumulate"] == units["integral"] == 15 * 2_116  # 10,582 // (1 x 5): about 31.7k steps
-    assert bench._sets(["fullscale", "--set", "device=cuda", "--set", "segment.amp=true"]) == [
-        "device=cuda", "segment.amp=true"]
+    assert units["psa_classify"] == 15 * 661  # 10,582 // 16 full batches an epoch (drop_last)
+    assert units["affinity"] == 8 * 1_322  # 10,582 // 8
+    assert units["psa_cam"] == units[bench.LABELS_ROW] == units["refine"] == 10_582
+    assert bench._values(["fullscale", "--set", "device=cuda", "--stages", "refine", "--set", "segment.amp=true"],
+                         "--set") == ["device=cuda", "segment.amp=true"]
+
+
+def test_fullscale_stages_bring_the_stages_they_read():
+    assert bench.chain(["refine"]) == ("psa_classify", "psa_cam", "affinity", "refine")
+    assert bench.chain(["integral", "localize"]) == ("classify", "localize", "accumulate", "integral")
+    with pytest.raises(SystemExit, match="no stage 'walk'"):
+        bench.chain(["walk"])
 
 
 def test_fullscale_disk_scales_only_the_per_image_files():
-    written = {"disk": 1_000 + 2 * 10 * 50}  # a fixed 1,000 bytes + 2 copies of 10 files of 50 bytes
+    written = {"disk": 1_000 + 2 * bench.N_TRAIN * 50}  # a fixed 1,000 bytes + 2 copies of a file an image
     assert bench._disk(written, 100, 50.0, 2) == 1_000 + 2 * 100 * 50
     assert bench._disk({"disk": 7}, 15_000, None, 0) == 7  # a checkpoint: the same whatever the count
 
