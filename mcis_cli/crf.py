@@ -58,10 +58,10 @@ def keep_heap() -> None:
     """Keep the CRF's freed buffers for the next image (glibc; elsewhere nothing).
 
     By default free() hands the top of the heap back to the kernel once 2x the mmap threshold
-    lies free there, so every image faulted its buffers (about 100 MB at 500 px) in afresh:
-    that halved the CRF's speed in one process, and a pool's workers faulted at once, which two
-    cores do not do twice as fast. Setting the trim threshold freezes glibc's dynamic mmap
-    threshold, so that one is pinned where the dynamic rule would have grown it. Once per process.
+    lies free there, so every image faulted its buffers (about 100 MB at 500 px) in afresh, which
+    cost as much as the CRF's own arithmetic. Setting the trim threshold freezes glibc's dynamic
+    mmap threshold, so that one is pinned where the dynamic rule would have grown it. Once per
+    process (the CLI's, or a pool worker's).
     """
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
