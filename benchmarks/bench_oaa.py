@@ -5,10 +5,9 @@ width 1, configs/voc12_vgg16.yaml's accumulate section, random init) already in 
 accumulating = the same step, then the accumulation of that forward's maps into the on-disk store
 (`accumulate.update_image`: normalise, top-k filter, quantise, read the image's file, max, write
 it). An image's two steps run back to back, so both see the same load from other processes, in
-an order that alternates over images and rounds (the second step on an image's shapes is the
-faster one, which read as a -6 % overhead when bare always ran first); the first round is a
-warm-up. The accumulation alone is timed too, which
-gives its share of a faster (GPU) step.
+an order that alternates over images and rounds: the second step on an image's shapes is the
+faster one. The first round is a warm-up. The accumulation alone is timed too, which gives its
+share of a faster (GPU) step.
 Target: accumulating / bare - 1 <= 10 % of wall time.
 """
 

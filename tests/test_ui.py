@@ -76,11 +76,13 @@ def ui(tmp_path_factory, sqlite_template):
     # background of a non-interactive shell inherits SIGINT ignored, and `mcis ui` would too (a
     # handler, unlike an ignored signal, is reset to the default by exec).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mcis_cli.cli", "ui", "--port", str(port)],
-                                cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    signal.signal(signal.SIGINT, previous)
+    try:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "mcis_cli.cli", "ui", "--port", str(port)],
+                                    cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     url = f"http://127.0.0.1:{port}"
     try:
         servers.wait_http(url + "/health", proc, log)
