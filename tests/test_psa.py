@@ -20,6 +20,7 @@ from mcis_cli.models.psa import AffinityNet, PSAClassifier, optimizer, param_gro
 from mcis_cli.stages import affinity, psa_cam, psa_classify, pseudolabel, refine
 from mcis_cli.stages.pseudolabel import walk_labels
 from tests import ranks
+from tests.test_localize import _all_maps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,8 +96,7 @@ def test_the_affinity_run_keeps_confident_labels_of_every_image(chain):
 
 
 def _maps(cfg, stage: str, run_id: str) -> dict[str, np.ndarray]:
-    run = tracking.resolve_run(cfg, stage, run_id)
-    return {p.stem: artifacts.load_maps(p)[0] for p in sorted(run.fetch(artifacts.MAPS).glob("*.npz"))}
+    return _all_maps(tracking.resolve_run(cfg, stage, run_id))
 
 
 def _confident(chain, run_id: str) -> dict[str, dict[str, np.ndarray]]:
