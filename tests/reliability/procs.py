@@ -88,16 +88,25 @@ def tail(log: Path, lines: int = 30) -> str:
 
 
 def wait_until(condition: Callable[[], Any], proc: subprocess.Popen, log: Path, what: str,
-               timeout: float = TIMEOUT, poll: float = 0.05) -> Any:
-    """Poll `condition` until it returns something truthy; fail if `proc` ends first."""
+               timeout: float = TIMEOUT, poll: float = 0.05, freeze: bool = False) -> Any:
+    """Poll `condition` until it returns something truthy; fail if `proc` ends first.
+
+    With `freeze`, `proc`'s group is stopped (SIGSTOP) while `condition` is read and stays stopped
+    when it holds, so the caller's kill lands where the condition saw it: a tiny step takes less
+    than one read of the store on two busy cores, and a lagging read once found the run finished.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if freeze:
+            _signal_group(proc, signal.SIGSTOP)
         try:
             value = condition()
         except Exception:  # noqa: BLE001 - e.g. the run not created yet, a file mid-rename
             value = None
         if value:
             return value
+        if freeze:
+            _signal_group(proc, signal.SIGCONT)
         if proc.poll() is not None:
             raise AssertionError(f"the process ended (code {proc.returncode}) before {what}:\n{tail(log)}")
         time.sleep(poll)
@@ -105,12 +114,16 @@ def wait_until(condition: Callable[[], Any], proc: subprocess.Popen, log: Path, 
     raise AssertionError(f"timed out waiting for {what}:\n{tail(log)}")
 
 
-def kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the whole process group, as kill -9 would, and reap it."""
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signum)
     except ProcessLookupError:
         pass
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the whole process group, as kill -9 would, and reap it."""
+    _signal_group(proc, signal.SIGKILL)
     proc.wait()
 
 

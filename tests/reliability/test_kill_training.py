@@ -53,7 +53,7 @@ def kill_resume_compare(tmp: Path, uri: str, stage: str, config: Path, extra: li
     log = tmp / "victim.log"
     victim = procs.start([stage, "--config", config, *extra], tmp, environ, log)
     run_id = procs.wait_until(lambda: _logged_step(uri, experiment, metric, step), victim, log,
-                              f"step {step} of {stage}")
+                              f"step {step} of {stage}", freeze=True)
     assert victim.poll() is None, "the victim finished before the kill"
     procs.kill(victim)
     had_checkpoint = (tmp / "runs" / run_id / "checkpoints" / "last.pt").is_file()
@@ -94,7 +94,7 @@ def _config(tmp_path, toy_root, stage: str, workers: int, **options):
 
 # a kill before the first checkpoint (resume starts over) and one after it (resume continues);
 # the first is started again by the same command, the second by --resume RUN_ID
-# (the last steps are left out: a poll that lags on two busy cores must still find the run alive)
+# (the last steps are left out, so the victim is still training when the step shows)
 CLASSIFY_WINDOWS = {"first-epoch": (0, 1), "later": (3, 5)}  # checkpoints after steps 2, 5, 8
 SEGMENT_WINDOWS = {"before-checkpoint": (0, 2), "later": (5, 17)}  # checkpoints at 5, 10, 15, 20
 HOW = {"first-epoch": "again", "before-checkpoint": "again", "later": "--resume"}
