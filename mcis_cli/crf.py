@@ -25,7 +25,8 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_all_start_methods, get_context
 from multiprocessing.context import BaseContext
@@ -240,6 +241,26 @@ def _context() -> BaseContext:
     return context
 
 
+_workers: dict[tuple[int, int], ProcessPoolExecutor] = {}  # (pid, jobs): this process's pool
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    """This process's CRF workers, started by its first `crf_map` and kept for the next ones.
+
+    A pipeline evaluates several runs in one process; starting and stopping the workers for each
+    call cost a 48-image call 5 % of its time (more for the `mcis` command, whose main module each
+    worker imports). One pool at a time: another `jobs` replaces it. Keyed by pid, so a forked
+    child never uses its parent's.
+    """
+    key = (os.getpid(), jobs)
+    if key not in _workers:
+        for other in [k for k in _workers if k[0] == key[0]]:
+            _workers.pop(other).shutdown(cancel_futures=True)
+        _workers[key] = ProcessPoolExecutor(jobs, mp_context=_context(), initializer=_start_worker,
+                                            initargs=(os.getpid(),))
+    return _workers[key]
+
+
 def crf_map(
     items: Iterable[tuple[np.ndarray, np.ndarray]], params: CrfCfg, jobs: int = 1,
     argmax: bool = False,
@@ -258,8 +279,7 @@ def crf_map(
             yield _task(image, probs, k, argmax)
         return
     segments = Segments()
-    pool = ProcessPoolExecutor(jobs, mp_context=_context(), initializer=_start_worker,
-                               initargs=(os.getpid(),))
+    pool = _pool(jobs)
     pending: deque[tuple[Future, Slot]] = deque()
     try:
         for image, probs in items:
@@ -269,8 +289,13 @@ def crf_map(
                 yield _collect(*pending.popleft(), segments)
         while pending:
             yield _collect(*pending.popleft(), segments)
+    except BrokenProcessPool:
+        _workers.pop((os.getpid(), jobs), None)  # a worker died: the next call starts new ones
+        raise
     finally:
-        pool.shutdown(cancel_futures=True)  # no worker still reads a segment when it is unlinked
+        for future, _ in pending:
+            future.cancel()
+        wait([future for future, _ in pending])  # no worker still reads a segment when it is unlinked
         segments.close()
 
 
