@@ -3,9 +3,9 @@ within 5 % of what the machine offers).
 
 48 images of 321 x 321 (the training crop), 21 classes, the MCIS test settings (one mean-field
 iteration), label maps returned as `evaluate` asks for them. 48 images a call, so that what a
-call pays once (starting the workers, their first image) weighs about as little as in
-`evaluate`, which makes one call for a whole split (with 16, the pool gave 1.5x where it gave
-1.8x with 48, in the same run). Rounds interleave the settings so
+call pays once (its shared-memory segments, the first image's latency, the last one's tail)
+weighs about as little as in `evaluate`, which makes one call for a whole split (with 16, the
+pool gave 1.5x where it gave 1.8x with 48, in the same run). Rounds interleave the settings so
 that a burst of load elsewhere hits all of them, and the table gives the median over the rounds
 of each round's ratio. A process's first call starts the fork server and the workers, which
 later calls reuse; that first call is shown apart.
