@@ -92,8 +92,9 @@ def wait_until(condition: Callable[[], Any], proc: subprocess.Popen, log: Path, 
     """Poll `condition` until it returns something truthy; fail if `proc` ends first.
 
     With `freeze`, `proc`'s group is stopped (SIGSTOP) while `condition` is read and stays stopped
-    when it holds, so the caller's kill lands where the condition saw it: a tiny step takes less
-    than one read of the store on two busy cores, and a lagging read once found the run finished.
+    when it holds (the caller kills it or sends SIGCONT), so what the caller does next happens
+    where the condition saw it: a tiny step takes less than one read of the store on two busy
+    cores, and a lagging read once found the run finished.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -32,9 +32,8 @@ def uri(tmp_path_factory) -> str:
 
 
 def _freeze_when(path_ready, proc, log, what: str) -> None:
-    procs.wait_until(path_ready, proc, log, what, poll=0.005)
+    procs.wait_until(path_ready, proc, log, what, poll=0.005, freeze=True)
     assert proc.poll() is None, f"the first command finished before it could be frozen ({what})"
-    os.killpg(proc.pid, signal.SIGSTOP)
 
 
 def _thaw(proc) -> int:
@@ -140,8 +139,7 @@ def test_resume_of_a_run_that_is_still_training_is_refused(tmp_path, uri, toy_ro
         runs = mlc.search_runs([found.experiment_id]) if found else []
         return runs and mlc.get_metric_history(runs[0].info.run_id, "loss/total") and runs[0].info.run_id
 
-    procs.wait_until(training, first, log, "the first step")
-    os.killpg(first.pid, signal.SIGSTOP)
+    procs.wait_until(training, first, log, "the first step", freeze=True)
     run_id = training()
     try:
         second = procs.run(["classify", "--config", config, "--resume", run_id], tmp_path, environ)

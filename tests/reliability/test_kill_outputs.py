@@ -88,7 +88,7 @@ def _kill_after_files(chain, name: str, args: list[str], pattern: str, files: st
         folder = _new_folder(chain, pattern, before)
         return folder if folder is not None and len(procs.finals(folder, files)) >= k else None
 
-    folder = procs.wait_until(written, victim, log, f"{k} files of {name}", poll=0.01)
+    folder = procs.wait_until(written, victim, log, f"{k} files of {name}", poll=0.01, freeze=True)
     assert victim.poll() is None, f"{name} finished before the kill"
     procs.kill(victim)
     return folder, k

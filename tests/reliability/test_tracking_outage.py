@@ -73,8 +73,7 @@ def _start_and_stop_the_server(server, tmp: Path, config: Path, wait: str):
     checkpoint = procs.kill_point(f"outage:{tmp.name}", 1, ITERS // EVERY - 2) * EVERY
     while True:
         procs.wait_until(lambda c=checkpoint: _uploaded_iteration(server, run) >= c, proc, log,
-                         f"the upload of checkpoint {checkpoint}", poll=0.01)
-        os.killpg(proc.pid, signal.SIGSTOP)
+                         f"the upload of checkpoint {checkpoint}", poll=0.01, freeze=True)
         uploaded = _uploaded_iteration(server, run)
         if last_step(run) < uploaded + EVERY - 1:  # the next checkpoint's metrics are not sent yet
             break
